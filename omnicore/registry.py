@@ -56,8 +56,12 @@ class Component:
     params_model: type[pydantic.BaseModel] | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
 
-    def check_params(self, params: dict[str, Any]) -> dict[str, Any]:
-        """Validate and coerce ``params``; raise ParamError naming component, parameter and expectation."""
+    def check_params(self, params: dict[str, Any], allow_missing: set[str] = frozenset()) -> dict[str, Any] | None:
+        """Validate and coerce ``params``; raise ParamError naming component, parameter and expectation.
+
+        ``allow_missing`` names parameters that will be supplied later (assembly injects them); when one of
+        those is absent the check still runs for the rest, and None is returned instead of the values.
+        """
         label = f"{self.kind} {self.name!r}"
         model = self.params_model or _signature_model(self.factory, f"{self.kind}_{self.name}")
         if model is None:  # the factory takes **kwargs only: nothing to check
@@ -65,7 +69,10 @@ class Component:
         try:
             validated = model.model_validate(params)
         except pydantic.ValidationError as exc:
-            err = exc.errors()[0]
+            errors = [e for e in exc.errors() if not (e["type"] == "missing" and e["loc"][0] in allow_missing)]
+            if not errors:
+                return None
+            err = errors[0]
             loc = ".".join(str(p) for p in err["loc"]) or "<params>"
             if err["type"] == "extra_forbidden":
                 known = list(model.model_fields)

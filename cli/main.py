@@ -1,0 +1,165 @@
+"""The ``omni`` command line: recipes, plugins, and the commands plugins add.
+
+Errors the user can fix print as one line on stderr with exit status 2; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+import omnicore
+from omnicore.errors import OmnicoreError
+
+console = Console()
+err_console = Console(stderr=True)
+
+app = typer.Typer(help="omnicore: build, train and run unified multimodal state-space models.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+recipe_app = typer.Typer(help="List, copy, validate and run recipe files.", no_args_is_help=True)
+app.add_typer(recipe_app, name="recipe")
+
+_STATE = {"debug": False}
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"omnicore {omnicore.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit."),
+          debug: bool = typer.Option(False, "--debug", help="Show Python tracebacks on errors.")) -> None:
+    _STATE["debug"] = debug or bool(os.environ.get("OMNICORE_DEBUG"))
+
+
+@app.command("plugins")
+def plugins_cmd(kind: Optional[str] = typer.Option(None, help="Only components of this kind."),
+                pattern: str = typer.Option("*", help="Glob on component names.")) -> None:
+    """List plugins (package, version, load errors) and the components they register."""
+    from omnicore.plugin_host import host
+
+    host.load()
+    table = Table(title="plugins")
+    for col in ("plugin", "package", "version", "status"):
+        table.add_column(col)
+    for info in sorted(host.plugins.values(), key=lambda p: (not p.builtin, p.name)):
+        status = f"[red]failed: {info.error}[/red]" if info.error else "ok"
+        table.add_row(info.name, info.package, info.version, status)
+    console.print(table)
+    comps = Table(title="components")
+    for col in ("kind", "name", "package", "version", "description"):
+        comps.add_column(col)
+    for c in omnicore.list_components(kind, pattern):
+        comps.add_row(c.kind, c.name, c.package, c.version, c.description)
+    console.print(comps)
+    for info in host.errors:
+        err_console.print(f"warning: plugin {info.name!r} from {info.package} failed to load: {info.error}")
+
+
+@recipe_app.command("ls")
+def recipe_ls() -> None:
+    """List the recipes shipped with omnicore and its plugins."""
+    table = Table()
+    for col in ("recipe", "package", "description"):
+        table.add_column(col)
+    for c in omnicore.list_components("recipe"):
+        table.add_row(c.name, c.package, c.description)
+    console.print(table)
+
+
+@recipe_app.command("cp")
+def recipe_cp(name: str = typer.Argument(..., help="A recipe name from `omni recipe ls`."),
+              dest: Path = typer.Argument(..., help="Destination file or directory."),
+              force: bool = typer.Option(False, "--force", help="Overwrite an existing file.")) -> None:
+    """Copy a shipped recipe out to edit it."""
+    src = Path(omnicore.get_component("recipe", name.removesuffix(".yaml")).factory)
+    target = dest / src.name if dest.is_dir() else dest
+    if target.exists() and not force:
+        raise OmnicoreError(f"{target}: already exists (use --force to overwrite)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, target)
+    console.print(f"copied {name} to {target}")
+
+
+@recipe_app.command("validate")
+def recipe_validate(recipe: str = typer.Argument(..., help="Recipe file or name."),
+                    overrides: Optional[list[str]] = typer.Argument(None, help="key.path=value or ~key.path")) -> None:
+    """Check a recipe without building weights: schema, registered names, params, stage references."""
+    from omnicore.recipe import load_recipe
+    from omnicore.recipe.validate import validate_recipe
+
+    loaded = load_recipe(recipe, overrides or [])
+    problems = validate_recipe(loaded)
+    if problems:
+        for p in problems:
+            err_console.print(p, markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(2)
+    console.print(f"{loaded.path}: ok ({len(loaded.recipe.stages)} stages"
+                  f"{', inference' if loaded.recipe.inference else ''})")
+
+
+@recipe_app.command("run")
+def recipe_run(recipe: str = typer.Argument(..., help="Recipe file or name."),
+               overrides: Optional[list[str]] = typer.Argument(None, help="key.path=value or ~key.path"),
+               run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Run directory (default runs/<recipe>-<time>)."),
+               resume: bool = typer.Option(False, "--resume", help="Continue from the run directory's last checkpoint."),
+               nproc_per_node: int = typer.Option(1, "--nproc-per-node", help="Processes to launch through torchrun."),
+               device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: cuda if available).")) -> None:
+    """Run a recipe: its training stages, evaluation and inference, into a run directory."""
+    from omnicore.runner import launch_distributed, run_recipe
+
+    if nproc_per_node > 1 and "LOCAL_RANK" not in os.environ:
+        raise typer.Exit(launch_distributed(sys.argv, nproc_per_node))
+    run_recipe(recipe, overrides or [], run_dir=run_dir, resume=resume, device=device, console=console)
+
+
+def _add_plugin_commands() -> None:
+    try:
+        from omnicore.plugin_host import host
+
+        host.pm.hook.register_commands(app=app)
+    except Exception as exc:  # a plugin's command must not break the CLI
+        err_console.print(f"warning: a plugin failed to add commands: {exc}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    _add_plugin_commands()
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:]) or bool(os.environ.get("OMNICORE_DEBUG"))
+    try:
+        rc = app(args=argv, standalone_mode=False)
+    except OmnicoreError as exc:
+        if debug:
+            raise
+        err_console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        return 2
+    except typer.Exit as exc:
+        return exc.exit_code or 0
+    except typer.Abort:
+        err_console.print("aborted")
+        return 130
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            return 2
+        if debug:
+            raise
+        err_console.print(f"error: {type(exc).__name__}: {exc} (run with --debug for the traceback)",
+                          markup=False, highlight=False, soft_wrap=True)
+        return 1
+    return rc if isinstance(rc, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""End-of-run evaluation: held-out MMU exact-match accuracy and T2I correctness scored by the dataset.
+
+T2I scoring is the dataset's business (it knows what its captions promise): a dataset that can score
+generated images provides ``score_images(images, samples) -> dict[str, float]``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from .errors import OmnicoreError
+from .generation.api import answer, generate_images, image_grid
+from .recipe.schema import EvaluationSpec
+from .registry import registry
+from .training.checkpoint import atomic_write_text
+
+
+def _dataset(spec, label):
+    try:
+        return registry.get("dataset", spec.type).build(**spec.params)
+    except OmnicoreError as exc:
+        raise type(exc)(f"{label}: {exc}") from None
+
+
+def normalize(text: str) -> str:
+    return " ".join(text.strip().lower().rstrip(".").split())
+
+
+def evaluate_mmu(model, dataset, sampling: dict, batch_size: int = 32) -> dict[str, float]:
+    images, questions, expected = [], [], []
+    for i in range(len(dataset)):
+        sample = dataset[i]
+        for turn in sample["turns"]:
+            images.append(sample.get("image"))
+            questions.append(turn["question"])
+            expected.append(turn["answer"])
+    got = answer(model, images, questions, batch_size=batch_size, **sampling)
+    correct = [normalize(g) == normalize(e) for g, e in zip(got, expected)]
+    return {"mmu_accuracy": sum(correct) / max(1, len(correct)), "mmu_questions": len(correct),
+            "mmu_examples": [{"q": q, "expected": e, "got": g} for q, e, g in list(zip(questions, expected, got))[:6]]}
+
+
+def evaluate_t2i(model, dataset, guidance_scale: float, sampling: dict, out_dir: Path) -> dict[str, float]:
+    if not hasattr(dataset, "score_images"):
+        raise OmnicoreError(f"evaluation.t2i: dataset {type(dataset).__name__} cannot score images "
+                            f"(it has no score_images method)")
+    samples = [dataset[i] for i in range(len(dataset))]
+    images = generate_images(model, [s["caption"] for s in samples], guidance_scale=guidance_scale, **sampling)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    grid = image_grid(images[:32], columns=8)
+    grid.save(out_dir / "t2i_samples.png")
+    scores = dataset.score_images(images, samples)
+    return {**{f"t2i_{k}": v for k, v in scores.items()}, "t2i_images": len(images)}
+
+
+def run_evaluation(model, spec: EvaluationSpec, run_dir: Path, console: Console) -> dict:
+    results: dict = {}
+    sampling = spec.sampling.model_dump(exclude={"guidance_scale"})
+    model.eval()
+    if spec.mmu is not None:
+        results.update(evaluate_mmu(model, _dataset(spec.mmu, "evaluation.mmu"), sampling))
+    if spec.t2i is not None:
+        t2i_sampling = {k: v for k, v in sampling.items() if k != "max_new_tokens"}
+        results.update(evaluate_t2i(model, _dataset(spec.t2i, "evaluation.t2i"), spec.guidance_scale, t2i_sampling,
+                                    Path(run_dir) / "eval"))
+    atomic_write_text(Path(run_dir) / "eval.json", json.dumps(results, indent=2))
+    table = Table(title="evaluation (held out)")
+    table.add_column("metric")
+    table.add_column("value")
+    for k, v in results.items():
+        if isinstance(v, (int, float)):
+            table.add_row(k, f"{v:.3f}" if isinstance(v, float) else str(v))
+    console.print(table)
+    return {k: v for k, v in results.items() if isinstance(v, (int, float))}

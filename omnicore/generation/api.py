@@ -1,0 +1,113 @@
+"""The Python inference API behind ``UnifiedModel.answer`` / ``stream_answer`` / ``generate_images``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import OmnicoreError
+from .engine import generate_codes, generate_text, stream_text
+from .sampling import Sampling
+
+
+def _open_image(image):
+    from PIL import Image
+
+    if image is None or isinstance(image, Image.Image):
+        return image
+    path = Path(image)
+    if not path.is_file():
+        raise OmnicoreError(f"{path}: image file not found")
+    try:
+        return Image.open(path).convert("RGB")
+    except Exception as exc:
+        raise OmnicoreError(f"{path}: cannot read image: {exc}") from None
+
+
+def _pixels(model, images) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    images = [_open_image(im) for im in images]
+    if model.encoder is None:
+        if any(im is not None for im in images):
+            raise OmnicoreError("this model has no image encoder; it can only answer text-only questions")
+        return None, None
+    transform = model.encoder.image_transform()
+    size = model.encoder.image_size
+    pix = [transform(im) if im is not None else torch.zeros(3, size, size) for im in images]
+    has = torch.tensor([im is not None for im in images], dtype=torch.float32)
+    return torch.stack(pix).to(model.device), has.to(model.device)
+
+
+def answer(model, images: Sequence, questions: Sequence[str], batch_size: int = 16, **sampling) -> list[str]:
+    """Answer each question about its image (an image may be None for text-only)."""
+    if len(images) != len(questions):
+        raise OmnicoreError(f"answer(): {len(images)} images but {len(questions)} questions")
+    s = Sampling.from_kwargs(**{"greedy": True, **sampling}) if "temperature" not in sampling else Sampling.from_kwargs(**sampling)
+    out: list[str] = []
+    model.eval()
+    for start in range(0, len(questions), batch_size):
+        chunk_q = list(questions[start:start + batch_size])
+        pixels, has = _pixels(model, list(images[start:start + batch_size]))
+        ids = [model.layout.question_ids(q) for q in chunk_q]
+        for toks in generate_text(model, pixels, has, ids, s):
+            out.append(model.text_tokenizer.decode(toks).strip())
+    return out
+
+
+def stream_answer(model, image, question: str, **sampling) -> Iterator[str]:
+    """Yield the answer's text piece by piece as tokens are generated."""
+    s = Sampling.from_kwargs(**{"greedy": True, **sampling}) if "temperature" not in sampling else Sampling.from_kwargs(**sampling)
+    pixels, has = _pixels(model, [image])
+    stops = {model.layout.sid("<|eot|>"), model.text_tokenizer.eos_id}
+    ids: list[int] = []
+    shown = ""
+    model.eval()
+    for token in stream_text(model, pixels, has, [model.layout.question_ids(question)], s):
+        tok = int(token[0])
+        if tok in stops:
+            break
+        ids.append(tok)
+        text = model.text_tokenizer.decode(ids)
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
+            continue
+        yield text[len(shown):]
+        shown = text
+
+
+def codes_to_images(model, codes: torch.Tensor) -> list:
+    from PIL import Image
+
+    h, w = model.grid
+    with torch.inference_mode():
+        images = model.image_tokenizer.decode(codes.view(-1, h, w))
+    arr = ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(np.ascontiguousarray(a)) for a in arr]
+
+
+def generate_images(model, prompts: Sequence[str], n_per_prompt: int = 1, guidance_scale: float = 1.0,
+                    batch_size: int = 16, **sampling) -> list:
+    """PIL images, ``n_per_prompt`` per prompt, in prompt order."""
+    s = Sampling.from_kwargs(**sampling)
+    captions = [p for p in prompts for _ in range(n_per_prompt)]
+    model.eval()
+    images = []
+    for start in range(0, len(captions), batch_size):
+        codes = generate_codes(model, captions[start:start + batch_size], guidance_scale, s)
+        images += codes_to_images(model, codes)
+    return images
+
+
+def image_grid(images: list, columns: int | None = None):
+    from PIL import Image
+
+    if not images:
+        raise OmnicoreError("no images to put in a grid")
+    columns = columns or int(np.ceil(np.sqrt(len(images))))
+    rows = int(np.ceil(len(images) / columns))
+    w, h = images[0].size
+    grid = Image.new("RGB", (columns * w, rows * h), "white")
+    for i, im in enumerate(images):
+        grid.paste(im, ((i % columns) * w, (i // columns) * h))
+    return grid

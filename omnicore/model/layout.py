@@ -1,0 +1,60 @@
+"""Token layouts of the two tasks (FACTS.md), as plain id lists built from a text tokenizer.
+
+MMU: [<|mmu|>, <|soi|>, <image: num_patches slots>, <|eoi|>, <|sot|>, question, answer, <|eot|>, ...]
+T2I: [<|t2i|>, <|sot|>, caption (left padded to max_caption_tokens), <|eot|>, <|soi|>, codes...]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+IGNORE = -100  # label value CrossEntropyLoss skips
+
+
+@dataclass(frozen=True)
+class Layout:
+    tokenizer: object
+    max_caption_tokens: int
+    max_text_tokens: int
+
+    def sid(self, token: str) -> int:
+        return self.tokenizer.special_ids[token]
+
+    # --- MMU -------------------------------------------------------------------------------------------
+    @property
+    def mmu_head_ids(self) -> list[int]:
+        """Tokens before the image slots."""
+        return [self.sid("<|mmu|>"), self.sid("<|soi|>")]
+
+    @property
+    def mmu_tail_ids(self) -> list[int]:
+        """Tokens between the image slots and the text."""
+        return [self.sid("<|eoi|>"), self.sid("<|sot|>")]
+
+    def question_ids(self, question: str) -> list[int]:
+        return self.tokenizer.encode(question.strip() + "\n")
+
+    def answer_ids(self, answer: str) -> list[int]:
+        return self.tokenizer.encode(answer.strip()) + [self.sid("<|eot|>")]
+
+    def mmu_text(self, turns: list[dict]) -> tuple[list[int], list[int]]:
+        """Text ids and labels (answers only, IGNORE elsewhere), truncated to max_text_tokens."""
+        ids: list[int] = []
+        labels: list[int] = []
+        for turn in turns:
+            q = self.question_ids(turn["question"])
+            a = self.answer_ids(turn["answer"])
+            ids += q + a
+            labels += [IGNORE] * len(q) + a
+        return ids[: self.max_text_tokens], labels[: self.max_text_tokens]
+
+    # --- T2I -------------------------------------------------------------------------------------------
+    @property
+    def t2i_prefix_len(self) -> int:
+        return self.max_caption_tokens + 4
+
+    def t2i_prefix(self, caption: str | None) -> list[int]:
+        """The conditioning prefix; ``None`` gives the unconditional (dropped caption) prefix."""
+        ids = [] if caption is None else self.tokenizer.encode(caption.strip())[: self.max_caption_tokens]
+        pad = [self.tokenizer.pad_id] * (self.max_caption_tokens - len(ids))
+        return [self.sid("<|t2i|>"), self.sid("<|sot|>")] + pad + ids + [self.sid("<|eot|>"), self.sid("<|soi|>")]

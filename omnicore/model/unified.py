@@ -1,0 +1,345 @@
+"""The unified model: one backbone that both understands images (MMU) and generates them (T2I).
+
+Built from a recipe's ``model:`` block (``omnicore.build``) or by hand from component objects
+(``UnifiedModel(...)``). Saved as a directory: config.json, model.safetensors, adapters.safetensors.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import CheckpointError, OmnicoreError
+from ..registry import registry
+from .layout import IGNORE, Layout
+from .roles import HEAD_INJECTIONS
+
+FORMAT = "omnicore-model"
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+ADAPTERS_FILE = "adapters.safetensors"
+
+
+def is_adapter_param(name: str) -> bool:
+    return ".lora_" in name
+
+
+class UnifiedModel(nn.Module):
+    """Encoder -> projector -> backbone -> text head (MMU); caption -> backbone -> image head (T2I)."""
+
+    def __init__(self, *, backbone: nn.Module, text_tokenizer: Any, heads: dict[str, nn.Module],
+                 encoder: nn.Module | None = None, projector: nn.Module | None = None,
+                 image_tokenizer: nn.Module | None = None, max_caption_tokens: int = 68,
+                 max_text_tokens: int = 512, image_size: int = 256, config: dict | None = None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.encoder = encoder
+        self.projector = projector
+        self.image_tokenizer = image_tokenizer
+        self.heads = nn.ModuleDict(heads)
+        self.text_tokenizer = text_tokenizer
+        self.layout = Layout(text_tokenizer, max_caption_tokens, max_text_tokens)
+        self.image_size = image_size
+        self.config = config or {}
+        for required in ("text",):
+            if required not in self.heads:
+                raise OmnicoreError(f"model: heads.{required} is required")
+
+    # --- properties ------------------------------------------------------------------------------------
+    @property
+    def d_model(self) -> int:
+        return self.backbone.d_model
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.backbone.parameters()).device
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        if self.image_tokenizer is None:
+            raise OmnicoreError("model has no image_tokenizer: T2I is unavailable")
+        side = self.image_size // self.image_tokenizer.downsample
+        return side, side
+
+    @property
+    def num_image_codes(self) -> int:
+        h, w = self.grid
+        return h * w
+
+    def roles(self) -> dict[str, nn.Module]:
+        """Role name -> module, as stages name them (``heads.text``... and ``heads`` for all)."""
+        out: dict[str, nn.Module] = {}
+        for role in ("encoder", "projector", "image_tokenizer", "backbone"):
+            if getattr(self, role) is not None:
+                out[role] = getattr(self, role)
+        for name, head in self.heads.items():
+            out[f"heads.{name}"] = head
+        return out
+
+    # --- embeddings ------------------------------------------------------------------------------------
+    def text_embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.heads["text"].embed(ids)
+
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Encoder + projector: ``(B, 3, S, S)`` -> ``(B, num_patches, d_model)``."""
+        if self.encoder is None or self.projector is None:
+            raise OmnicoreError("model has no encoder/projector: MMU with images is unavailable")
+        feats = self.encoder(pixels.to(self.device))
+        return self.projector(feats)
+
+    @property
+    def num_patches(self) -> int:
+        return self.encoder.num_patches if self.encoder is not None else 0
+
+    def mmu_embeddings(self, pixels: torch.Tensor | None, has_image: torch.Tensor | None,
+                       text_ids: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """``[<|mmu|>, <|soi|>, image, <|eoi|>, <|sot|>, text]`` embedded; text-only rows get zeros as image."""
+        dev = self.device
+        head = torch.tensor(self.layout.mmu_head_ids, device=dev).expand(batch_size, -1)
+        tail = torch.tensor(self.layout.mmu_tail_ids, device=dev).expand(batch_size, -1)
+        parts = [self.text_embed(head)]
+        if self.num_patches:
+            if pixels is None:
+                img = torch.zeros(batch_size, self.num_patches, self.d_model, device=dev)
+            else:
+                img = self.image_features(pixels)
+                if has_image is not None:
+                    img = img * has_image.to(dev, img.dtype)[:, None, None]
+            parts.append(img.to(parts[0].dtype))
+        parts += [self.text_embed(tail), self.text_embed(text_ids.to(dev))]
+        return torch.cat(parts, dim=1)
+
+    @property
+    def mmu_prefix_len(self) -> int:
+        """Positions before the text: 2 specials + image slots + 2 specials."""
+        return 4 + self.num_patches
+
+    def add_positions(self, x: torch.Tensor, table: str, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Add a learned position table's rows (``positions`` (B, L) or 0..L-1)."""
+        if table not in self.heads:
+            return x
+        pos_table = self.heads[table]
+        if positions is None:
+            positions = torch.arange(x.shape[1], device=x.device)
+        return x + pos_table(positions).to(x.dtype)
+
+    def t2i_prefix_embeddings(self, prefix_ids: torch.Tensor) -> torch.Tensor:
+        x = self.text_embed(prefix_ids.to(self.device))
+        return self.heads["caption"](x) if "caption" in self.heads else x
+
+    def code_embeddings(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.heads["image"].embed(codes.to(self.device))
+
+    # --- losses ----------------------------------------------------------------------------------------
+    def mmu_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Next-token loss on answer tokens only."""
+        text_ids, labels = batch["text_ids"], batch["labels"].to(self.device)
+        x = self.mmu_embeddings(batch.get("pixels"), batch.get("has_image"), text_ids, text_ids.shape[0])
+        x = self.add_positions(x, "mmu_positions")
+        h = self.backbone(x, task="mmu")
+        p = self.mmu_prefix_len
+        logits = self.heads["text"].logits(h[:, p - 1: p - 1 + text_ids.shape[1]])
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
+
+    @torch.no_grad()
+    def images_to_codes(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] -> flattened codes ``(B, h*w)`` with the (frozen) image tokenizer."""
+        codes = self.image_tokenizer.encode(images.to(self.device))
+        return codes.flatten(1)
+
+    def t2i_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Next-code loss on image codes only."""
+        prefix = batch["prefix_ids"].to(self.device)
+        codes = batch.get("codes")
+        codes = self.images_to_codes(batch["images"]) if codes is None else codes.to(self.device)
+        x = torch.cat([self.t2i_prefix_embeddings(prefix), self.code_embeddings(codes)], dim=1)
+        x = self.add_positions(x, "t2i_positions")
+        h = self.backbone(x, task="t2i")
+        p = prefix.shape[1]
+        logits = self.heads["image"].logits(h[:, p - 1: p - 1 + codes.shape[1]])
+        return F.cross_entropy(logits.float().flatten(0, 1), codes.flatten())
+
+    def forward(self, batches: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Training forward: one batch per task -> one loss per task (each task with its own adapter)."""
+        return {task: self.loss(task, batch) for task, batch in batches.items()}
+
+    def loss(self, task: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if task == "mmu":
+            return self.mmu_loss(batch)
+        if task == "t2i":
+            return self.t2i_loss(batch)
+        raise OmnicoreError(f"unknown task {task!r}; tasks: mmu, t2i")
+
+    # --- inference (omnicore.generation does the work) -----------------------------------------------
+    def answer(self, images, questions, **sampling) -> list[str]:
+        from ..generation.api import answer
+
+        return answer(self, images, questions, **sampling)
+
+    def stream_answer(self, image, question, **sampling):
+        from ..generation.api import stream_answer
+
+        return stream_answer(self, image, question, **sampling)
+
+    def generate_images(self, prompts, n_per_prompt: int = 1, guidance_scale: float = 1.0, **sampling):
+        from ..generation.api import generate_images
+
+        return generate_images(self, prompts, n_per_prompt=n_per_prompt, guidance_scale=guidance_scale, **sampling)
+
+    # --- persistence -----------------------------------------------------------------------------------
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write config.json, model.safetensors and adapters.safetensors atomically into ``directory``."""
+        from ..training.checkpoint import atomic_directory, save_state_dict
+
+        directory = Path(directory)
+        with atomic_directory(directory) as tmp:
+            config = copy.deepcopy(self.config)
+            _bundle_tokenizer_files(config, tmp)
+            base, adapters = {}, {}
+            for name, tensor in self.state_dict().items():
+                (adapters if is_adapter_param(name) else base)[name] = tensor
+            tied = save_state_dict(base, tmp / WEIGHTS_FILE)
+            if adapters:
+                save_state_dict(adapters, tmp / ADAPTERS_FILE)
+            config["tied"] = tied
+            (tmp / CONFIG_FILE).write_text(json.dumps({"format": FORMAT, "version": 1, **config}, indent=2))
+        return directory
+
+
+def _strip_weight_params(spec: dict) -> None:
+    """Saved weights replace any ``weights`` file a component was first built from."""
+    spec.pop("weights", None)
+    params = spec.get("params", {})
+    for key in [k for k in params if k == "weights" or k.endswith("_weights")]:
+        params.pop(key)
+
+
+def _bundle_tokenizer_files(config: dict, directory: Path) -> None:
+    """Copy files the text tokenizer reads (tokenizer.json) into the model directory, relative paths."""
+    spec = config.get("model", {}).get("text_tokenizer")
+    if not spec:
+        return
+    for key, value in list(spec.get("params", {}).items()):
+        if isinstance(value, str) and value and Path(value).is_file():
+            (directory / "tokenizer").mkdir(exist_ok=True)
+            target = directory / "tokenizer" / Path(value).name
+            shutil.copyfile(value, target)
+            spec["params"][key] = f"@model_dir/tokenizer/{target.name}"
+
+
+def _resolve_model_dir_paths(spec: dict, directory: Path) -> None:
+    for key, value in list(spec.get("params", {}).items()):
+        if isinstance(value, str) and value.startswith("@model_dir/"):
+            spec["params"][key] = str(directory / value.removeprefix("@model_dir/"))
+
+
+def _create(kind: str, role: str, spec: dict, injected: dict[str, Any]) -> Any:
+    component = registry.get(kind, spec["type"])
+    params = {**injected, **spec.get("params", {})}
+    try:
+        obj = component.build(**params)
+    except OmnicoreError as exc:
+        raise type(exc)(f"model.{role}: {exc}") from None
+    if spec.get("weights"):
+        from ..training.checkpoint import load_weights_file
+
+        load_weights_file(obj, spec["weights"], label=f"model.{role}")
+    return obj
+
+
+def build_from_spec(model_spec: dict) -> UnifiedModel:
+    """Build every role of a ``model:`` block (plain dict, already schema-checked), wiring sizes through."""
+    from ..recipe.schema import ModelSpec
+
+    spec = ModelSpec.model_validate(model_spec).model_dump(mode="json")
+    text_tokenizer = _create("text_tokenizer", "text_tokenizer", spec["text_tokenizer"], {}) \
+        if spec.get("text_tokenizer") else None
+    if text_tokenizer is None:
+        raise OmnicoreError("model.text_tokenizer is required")
+    backbone = _create("backbone", "backbone", spec["backbone"], {})
+    d_model = backbone.d_model
+    encoder = _create("encoder", "encoder", spec["encoder"], {}) if spec.get("encoder") else None
+    projector = None
+    if spec.get("projector"):
+        if encoder is None:
+            raise OmnicoreError("model.projector needs model.encoder")
+        projector = _create("projector", "projector", spec["projector"], {"in_dim": encoder.embed_dim, "out_dim": d_model})
+    image_tokenizer = _create("image_tokenizer", "image_tokenizer", spec["image_tokenizer"], {}) \
+        if spec.get("image_tokenizer") else None
+    sizes = {"d_model": d_model, "vocab_size": text_tokenizer.vocab_size,
+             "codebook_size": getattr(image_tokenizer, "codebook_size", None)}
+    heads = {}
+    for name, head_spec in spec.get("heads", {}).items():
+        injected = {k: sizes[k] for k in HEAD_INJECTIONS.get(name, set()) if sizes.get(k) is not None}
+        heads[name] = _create("head", f"heads.{name}", head_spec, injected)
+    if "image" in heads and image_tokenizer is None:
+        raise OmnicoreError("model.heads.image needs model.image_tokenizer")
+    config_spec = copy.deepcopy(spec)
+    for role_spec in [config_spec.get(r) for r in ("encoder", "projector", "image_tokenizer", "text_tokenizer",
+                                                   "backbone")] + list(config_spec.get("heads", {}).values()):
+        if role_spec:
+            _strip_weight_params(role_spec)
+    return UnifiedModel(backbone=backbone, text_tokenizer=text_tokenizer, heads=heads, encoder=encoder,
+                        projector=projector, image_tokenizer=image_tokenizer,
+                        max_caption_tokens=spec["max_caption_tokens"], max_text_tokens=spec["max_text_tokens"],
+                        image_size=spec["image_size"], config={"model": config_spec})
+
+
+def build(recipe: Any) -> UnifiedModel:
+    """Build the unified model from a recipe (path, name, LoadedRecipe, Recipe or a ``model:`` dict)."""
+    from ..recipe import LoadedRecipe, Recipe, load_recipe
+
+    if isinstance(recipe, (str, os.PathLike)):
+        recipe = load_recipe(recipe)
+    if isinstance(recipe, LoadedRecipe):
+        recipe = recipe.recipe
+    if isinstance(recipe, Recipe):
+        if recipe.model is None:
+            raise OmnicoreError("recipe has no 'model' block")
+        return build_from_spec(recipe.model.model_dump(mode="json"))
+    if isinstance(recipe, dict):
+        return build_from_spec(recipe.get("model", recipe))
+    raise TypeError(f"build() takes a recipe path, LoadedRecipe, Recipe or dict, not {type(recipe).__name__}")
+
+
+def load(directory: str | os.PathLike, device: str | torch.device | None = None) -> UnifiedModel:
+    """Restore a model saved by ``UnifiedModel.save`` (or a run's final model), no recipe needed."""
+    from ..training.checkpoint import load_state_dict_file
+
+    directory = Path(directory)
+    config_path = directory / CONFIG_FILE
+    if not config_path.is_file():
+        raise CheckpointError(f"{directory}: not a model directory (no {CONFIG_FILE})")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{config_path}: invalid JSON: {exc}") from None
+    if config.get("format") != FORMAT:
+        raise CheckpointError(f"{config_path}: not an omnicore model config (format {config.get('format')!r})")
+    spec = config["model"]
+    if spec.get("text_tokenizer"):
+        _resolve_model_dir_paths(spec["text_tokenizer"], directory)
+    model = build_from_spec(spec)
+    state = load_state_dict_file(directory / WEIGHTS_FILE)
+    if (directory / ADAPTERS_FILE).is_file():
+        state.update(load_state_dict_file(directory / ADAPTERS_FILE))
+    for alias, canonical in config.get("tied", {}).items():
+        state[alias] = state[canonical]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{directory}: weights do not match the config: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
+    model.config = {k: v for k, v in config.items() if k not in ("format", "version", "tied")}
+    model.config["model"] = json.loads(config_path.read_text())["model"]
+    model.eval()
+    if device is not None:
+        model.to(device)
+    return model

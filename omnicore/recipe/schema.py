@@ -1,0 +1,168 @@
+"""The recipe schema: one pydantic model covering the model block, training stages and inference.
+
+Unknown keys are errors everywhere (``extra="forbid"``). Component names and their params are checked
+against the registry separately (``omnicore.recipe.validate``), since plugins define them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ComponentSpec(Strict):
+    """A registered component by name, with the parameters for its factory."""
+
+    type: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    weights: Optional[str] = None  # a local file loaded after building (safetensors, or .pt read weights_only)
+    trainable: Optional[bool] = None  # a default for stages that do not list this role
+
+
+class ModelSpec(Strict):
+    """Components by role. Fixed roles are typed; further roles go under ``extra``."""
+
+    encoder: Optional[ComponentSpec] = None
+    projector: Optional[ComponentSpec] = None
+    image_tokenizer: Optional[ComponentSpec] = None
+    text_tokenizer: Optional[ComponentSpec] = None
+    backbone: ComponentSpec
+    heads: dict[str, ComponentSpec] = Field(default_factory=dict)
+    extra: dict[str, ComponentSpec] = Field(default_factory=dict)
+    # sequence layout (FACTS.md): caption tokens for T2I (left padded) and MMU text budget
+    max_caption_tokens: int = Field(68, gt=0)
+    max_text_tokens: int = Field(512, gt=0)
+    image_size: int = Field(256, gt=0)  # T2I resolution: the tokenizer's grid is image_size / downsample
+
+
+class DataSpec(ComponentSpec):
+    """A registered dataset plus loader settings."""
+
+    num_workers: int = Field(0, ge=0)
+    shuffle: bool = True
+
+
+class TaskSpec(Strict):
+    batch_size: int = Field(gt=0)
+    weight: float = Field(1.0, ge=0)
+    data: Optional[DataSpec] = None
+
+
+class TrainSpec(Strict):
+    """What a stage unfreezes: whole roles, parameter-name globs and LoRA adapters (by task)."""
+
+    roles: list[str] = Field(default_factory=list)
+    globs: list[str] = Field(default_factory=list)
+    adapters: list[str] = Field(default_factory=list)
+
+
+class OptimizerSpec(Strict):
+    name: Literal["adamw"] = "adamw"
+    lr: float = Field(gt=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = Field(0.0, ge=0)
+    eps: float = Field(1e-8, gt=0)
+
+
+class ScheduleSpec(Strict):
+    kind: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.01, ge=0, le=1)
+
+
+class StageSpec(Strict):
+    name: str
+    kind: Literal["unified", "vqgan"] = "unified"
+    tasks: dict[str, TaskSpec] = Field(default_factory=dict)
+    data: Optional[DataSpec] = None  # for kind vqgan: the images to train the tokenizer on
+    batch_size: Optional[int] = Field(None, gt=0)  # for kind vqgan
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    optimizer: OptimizerSpec
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+    steps: int = Field(gt=0)
+    grad_accum: int = Field(1, gt=0)
+    grad_clip: Optional[float] = Field(1.0, gt=0)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    gradient_checkpointing: bool = False
+    distributed: Literal["ddp", "fsdp"] = "ddp"  # used when launched with several processes
+    caption_dropout: float = Field(0.0, ge=0, le=1)
+    checkpoint_every: int = Field(0, ge=0)  # 0: only at the end of the stage
+    eval_every: int = Field(0, ge=0)
+    log_every: int = Field(10, gt=0)
+    init_from: Optional[str] = None  # a checkpoint or model directory to start from
+    seed: Optional[int] = None
+
+    @model_validator(mode="after")
+    def _check_kind(self) -> "StageSpec":
+        if self.kind == "unified":
+            if not self.tasks:
+                raise ValueError("a unified stage needs at least one task under 'tasks'")
+            for task, spec in self.tasks.items():
+                if spec.data is None:
+                    raise ValueError(f"task {task!r} has no 'data'")
+        else:
+            if self.data is None or self.batch_size is None:
+                raise ValueError("a vqgan stage needs 'data' and 'batch_size'")
+        return self
+
+
+class SamplingSpec(Strict):
+    temperature: float = Field(1.0, ge=0)
+    top_k: Optional[int] = Field(None, gt=0)
+    top_p: Optional[float] = Field(None, gt=0, le=1)
+    min_p: Optional[float] = Field(None, ge=0, le=1)
+    repetition_penalty: float = Field(1.0, gt=0)
+    max_new_tokens: int = Field(64, gt=0)
+    guidance_scale: float = Field(1.0, ge=0)
+    seed: Optional[int] = None
+    greedy: bool = False
+
+
+class InferenceSpec(Strict):
+    task: Literal["t2i", "mmu"]
+    model: Optional[str] = None  # a model directory; default: the model this recipe's stages produce
+    inputs: dict[str, Any] = Field(default_factory=dict)  # prompts / prompts_file / jsonl
+    sampling: SamplingSpec = Field(default_factory=SamplingSpec)
+    batch_size: int = Field(8, gt=0)
+    n_per_prompt: int = Field(1, gt=0)
+    outputs: dict[str, Any] = Field(default_factory=dict)
+
+
+class EvaluationSpec(Strict):
+    """End-of-run evaluation on held-out data (the quick start's)."""
+
+    mmu: Optional[DataSpec] = None
+    t2i: Optional[DataSpec] = None
+    sampling: SamplingSpec = Field(default_factory=lambda: SamplingSpec(greedy=True))
+    guidance_scale: float = Field(1.0, ge=0)
+
+
+class Recipe(Strict):
+    description: str = ""
+    seed: int = 0
+    model: Optional[ModelSpec] = None
+    stages: list[StageSpec] = Field(default_factory=list)
+    evaluation: Optional[EvaluationSpec] = None
+    inference: Optional[InferenceSpec] = None
+
+    @field_validator("stages")
+    @classmethod
+    def _unique_names(cls, stages: list[StageSpec]) -> list[StageSpec]:
+        names = [s.name for s in stages]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"stage names must be unique; repeated: {', '.join(sorted(dup))}")
+        return stages
+
+    @model_validator(mode="after")
+    def _needs_something(self) -> "Recipe":
+        if not self.stages and self.inference is None and self.evaluation is None:
+            raise ValueError("a recipe needs 'stages', 'evaluation' or 'inference'")
+        if self.stages and self.model is None:
+            raise ValueError("training stages need a 'model' block")
+        return self

@@ -1,0 +1,74 @@
+"""Check what can be checked without building weights: registered names, params binding, stage references."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import OmnicoreError
+from ..model.roles import HEAD_INJECTIONS, ROLE_INJECTIONS, ROLE_KINDS, TASKS
+from ..registry import registry
+from .loader import LoadedRecipe
+from .schema import ComponentSpec
+
+
+def _check_component(loaded: LoadedRecipe, path: tuple, kind: str, spec: ComponentSpec, injected: set[str],
+                     problems: list[str]) -> None:
+    try:
+        component = registry.get(kind, spec.type)
+    except OmnicoreError as exc:
+        problems.append(f"{loaded.where(path + ('type',))}: {'.'.join(map(str, path))}.type: {exc}")
+        return
+    try:
+        component.check_params(spec.params, allow_missing=injected)
+    except OmnicoreError as exc:
+        problems.append(f"{loaded.where(path + ('params',))}: {'.'.join(map(str, path))}.params: {exc}")
+
+
+def validate_recipe(loaded: LoadedRecipe) -> list[str]:
+    """All problems found, each a one-line message starting with file:line. Empty when the recipe is good."""
+    recipe = loaded.recipe
+    problems: list[str] = []
+    roles: set[str] = set()
+    adapters: set[str] = set()
+    if recipe.model is not None:
+        m = recipe.model
+        for role, kind in ROLE_KINDS.items():
+            spec = getattr(m, role)
+            if spec is not None:
+                roles.add(role)
+                _check_component(loaded, ("model", role), kind, spec, ROLE_INJECTIONS.get(role, set()), problems)
+        for name, spec in m.heads.items():
+            roles.add(f"heads.{name}")
+            _check_component(loaded, ("model", "heads", name), "head", spec, HEAD_INJECTIONS.get(name, set()), problems)
+        for name, spec in m.extra.items():
+            roles.add(name)
+        lora = m.backbone.params.get("lora") or {}
+        adapters = set(lora.get("tasks", [])) if isinstance(lora, dict) else set()
+    for i, stage in enumerate(recipe.stages):
+        base = ("stages", i)
+        for task, tspec in stage.tasks.items():
+            if task not in TASKS:
+                problems.append(f"{loaded.where(base + ('tasks', task))}: stages.{i}.tasks.{task}: unknown task; "
+                                f"tasks: {', '.join(TASKS)}")
+            if tspec.data is not None:
+                _check_component(loaded, base + ("tasks", task, "data"), "dataset", tspec.data, set(), problems)
+        if stage.data is not None:
+            _check_component(loaded, base + ("data",), "dataset", stage.data, set(), problems)
+        for j, role in enumerate(stage.train.roles):
+            if role not in roles and not (role == "heads" and any(r.startswith("heads.") for r in roles)):
+                problems.append(f"{loaded.where(base + ('train', 'roles', j))}: stages.{i}.train.roles.{j}: "
+                                f"no model role {role!r}; roles: {', '.join(sorted(roles))}")
+        for j, adapter in enumerate(stage.train.adapters):
+            if adapter not in adapters:
+                problems.append(f"{loaded.where(base + ('train', 'adapters', j))}: stages.{i}.train.adapters.{j}: "
+                                f"no LoRA adapter {adapter!r} (model.backbone.params.lora.tasks: "
+                                f"{', '.join(sorted(adapters)) or 'none'})")
+        if stage.kind == "vqgan" and "image_tokenizer" not in roles:
+            problems.append(f"{loaded.where(base + ('kind',))}: stages.{i}.kind: a vqgan stage needs "
+                            f"model.image_tokenizer")
+    if recipe.evaluation is not None:
+        for task in ("mmu", "t2i"):
+            spec = getattr(recipe.evaluation, task)
+            if spec is not None:
+                _check_component(loaded, ("evaluation", task), "dataset", spec, set(), problems)
+    return problems

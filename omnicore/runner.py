@@ -1,0 +1,162 @@
+"""``omni recipe run``: a run directory, the recipe's stages in order, evaluation, inference.
+
+A run directory holds recipe.yaml (resolved), metrics.jsonl, checkpoints/, model/ (the final model,
+loadable with ``omnicore.load``), eval.json and outputs/. The last line printed names the final model.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from rich.console import Console
+
+from .errors import OmnicoreError, RecipeError
+from .recipe import load_recipe
+from .recipe.validate import validate_recipe
+from .training.checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, load_state_dict_file
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str | None) -> torch.device:
+    if name:
+        device = torch.device(name)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise OmnicoreError(f"--device {name}: CUDA is not available on this machine")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def launch_distributed(argv: list[str], nproc: int) -> int:
+    """Re-run this command under torchrun with ``nproc`` processes on this node."""
+    args = [a for a in argv[1:]]
+    cleaned, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc-per-node":
+            skip = True
+            continue
+        if a.startswith("--nproc-per-node="):
+            continue
+        cleaned.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "omnicore.cli", *cleaned]
+    return subprocess.call(cmd)
+
+
+def _load_init_weights(model, path: str, label: str) -> None:
+    """Start a stage from a checkpoint directory, a model directory or a weights file."""
+    p = Path(path)
+    if (p / "trainer.pt").is_file():
+        state, _ = load_checkpoint(p)
+    elif (p / "model.safetensors").is_file():
+        state = load_state_dict_file(p / "model.safetensors")
+        if (p / "adapters.safetensors").is_file():
+            state.update(load_state_dict_file(p / "adapters.safetensors"))
+    elif p.is_file():
+        state = load_state_dict_file(p)
+    else:
+        raise OmnicoreError(f"{label}: {path}: no checkpoint, model directory or weights file there")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected:
+        raise OmnicoreError(f"{label}: {path}: {len(unexpected)} unexpected keys, e.g. {unexpected[:3]}")
+
+
+def run_recipe(ref: str, overrides: list[str], *, run_dir: Path | None = None, resume: bool = False,
+               device: str | None = None, console: Console | None = None, stop_after_step: int | None = None) -> Path:
+    """Run a recipe; returns the run directory."""
+    from .model.unified import build_from_spec, load
+    from .training.distributed import init_distributed
+    from .training.metrics import MetricsWriter
+    from .training.trainer import RunContext, run_unified_stage, run_vqgan_stage
+
+    console = console or Console()
+    loaded = load_recipe(ref, overrides)
+    problems = validate_recipe(loaded)
+    if problems:
+        raise RecipeError(problems[0] + (f" (+{len(problems) - 1} more; see `omni recipe validate`)" if len(problems) > 1 else ""))
+    recipe = loaded.recipe
+    dev = pick_device(device)
+    dist_info = init_distributed(dev)
+    if run_dir is None:
+        if resume:
+            raise OmnicoreError("--resume needs --run-dir naming the run to continue")
+        run_dir = Path("runs") / f"{loaded.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Path(run_dir)
+    ckpt = latest_checkpoint(run_dir / "checkpoints") if resume else None
+    if resume and ckpt is None and not (run_dir / "recipe.yaml").is_file():
+        raise OmnicoreError(f"--resume: {run_dir} has no run to continue (no recipe.yaml or checkpoints)")
+    if not resume and (run_dir / "checkpoints").exists():
+        raise OmnicoreError(f"{run_dir}: already holds a run; use --resume to continue it or choose another --run-dir")
+    if dist_info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "recipe.yaml", f"# resolved from {loaded.path}"
+                          + (f" with {' '.join(overrides)}" if overrides else "") + "\n"
+                          + yaml.safe_dump(loaded.data, sort_keys=False))
+    metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=dist_info.is_main)
+    ctx = RunContext(run_dir=run_dir, device=dev, seed=recipe.seed, console=console, metrics=metrics,
+                     dist=dist_info, stop_after_step=stop_after_step)
+    seed_everything(recipe.seed)
+    model = None
+    final_dir = run_dir / "model"
+    try:
+        if recipe.stages:
+            model = build_from_spec(recipe.model.model_dump(mode="json")).to(dev)
+            resume_state = None
+            if ckpt is not None:
+                state, resume_state = load_checkpoint(ckpt)
+                model.load_state_dict(state, strict=True)
+                console.print(f"resuming from {ckpt} (stage {resume_state['stage']}, step {resume_state['step']})")
+            for i, stage in enumerate(recipe.stages):
+                this_resume = None
+                if resume_state is not None:
+                    if i < resume_state["stage_index"] or (i == resume_state["stage_index"] and resume_state["done"]):
+                        continue
+                    if i == resume_state["stage_index"]:
+                        this_resume = resume_state
+                if stage.init_from and this_resume is None:
+                    _load_init_weights(model, stage.init_from, f"stages.{stage.name}.init_from")
+                if stage.seed is not None:
+                    seed_everything(stage.seed)
+                runner = run_vqgan_stage if stage.kind == "vqgan" else run_unified_stage
+                runner(model, stage, i, ctx, resume=this_resume)
+            if dist_info.is_main:
+                model.save(final_dir)
+        if recipe.evaluation is not None and dist_info.is_main:
+            from .evaluation import run_evaluation
+
+            if model is None:
+                raise OmnicoreError("evaluation needs a model: add stages, or use inference.model")
+            results = run_evaluation(model, recipe.evaluation, run_dir, console)
+            metrics.log({"event": "evaluation", **results})
+        if recipe.inference is not None and dist_info.is_main:
+            from .generation.recipe_inference import run_inference
+
+            inf_model = load(recipe.inference.model, device=dev) if recipe.inference.model else model
+            if inf_model is None:
+                raise OmnicoreError("inference: set inference.model to a model directory (or add stages)")
+            run_inference(inf_model, recipe.inference, run_dir, loaded.path.parent, console)
+    finally:
+        metrics.close()
+    if dist_info.is_main:
+        if model is not None and recipe.stages:
+            console.print(f"final model: {final_dir}", highlight=False, soft_wrap=True)
+        else:
+            console.print(f"run directory: {run_dir}", highlight=False, soft_wrap=True)
+    return run_dir

@@ -1,0 +1,170 @@
+"""Files that must never be half-written: model directories, training checkpoints, weight files.
+
+Everything is written to a temporary sibling and renamed into place; a ``latest`` pointer is replaced only
+after the checkpoint it names is complete, so a kill at any instant leaves the last good one readable.
+Nothing here unpickles arbitrary objects: tensors go through safetensors, the rest through
+``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..errors import CheckpointError
+
+LATEST = "latest"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_directory(target: Path) -> Iterator[Path]:
+    """Yield a temporary directory that replaces ``target`` only if the block finishes."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        old = None
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{os.getpid()}"
+            os.replace(target, old)
+        os.replace(tmp, target)
+        _fsync_dir(target.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def save_state_dict(state: dict[str, torch.Tensor], path: Path) -> dict[str, str]:
+    """Save tensors with safetensors; tied tensors are stored once. Returns {alias: stored name}."""
+    stored: dict[tuple, str] = {}
+    out: dict[str, torch.Tensor] = {}
+    tied: dict[str, str] = {}
+    for name, tensor in state.items():
+        key = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+               tensor.dtype) if tensor.numel() else None
+        if key is not None and key in stored:
+            tied[name] = stored[key]
+            continue
+        if key is not None:
+            stored[key] = name
+        out[name] = tensor.detach().contiguous().cpu()
+    save_file(out, str(path))
+    return tied
+
+
+def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
+    """Read a weights file: safetensors, or a torch file read with weights_only=True."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: weights file not found")
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{path}: unreadable safetensors file: {exc}") from None
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle errors, refused globals, truncation
+        raise CheckpointError(f"{path}: cannot read as a weights-only torch file: "
+                              f"{str(exc).splitlines()[0]}") from None
+    for key in ("model", "state_dict", "module"):  # common wrappers (LlamaGen keeps weights under 'model')
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: not a state dict of tensors")
+    return obj
+
+
+def load_weights_file(module: torch.nn.Module, path: str | Path, label: str = "", strict: bool = False) -> tuple[list, list]:
+    """Load a local weights file into ``module``; report missing and unexpected keys."""
+    import warnings
+
+    state = load_state_dict_file(Path(path))
+    own = module.state_dict()
+    bad = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if bad:
+        k = bad[0]
+        raise CheckpointError(f"{path}: {label or 'weights'}: shape mismatch for {k!r}: file {tuple(state[k].shape)} "
+                              f"vs model {tuple(own[k].shape)}")
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    if strict and (missing or unexpected):
+        raise CheckpointError(f"{path}: {label}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+    if missing or unexpected:
+        warnings.warn(f"{path}: {label}: {len(missing)} missing keys {missing[:3]}, {len(unexpected)} unexpected "
+                      f"keys {unexpected[:3]}", stacklevel=2)
+    return list(missing), list(unexpected)
+
+
+def save_checkpoint(root: Path, name: str, model_state: dict[str, torch.Tensor], trainer_state: dict[str, Any]) -> Path:
+    """Write ``root/name`` (model.safetensors + trainer.pt) atomically, then point ``root/latest`` at it."""
+    root = Path(root)
+    target = root / name
+    with atomic_directory(target) as tmp:
+        tied = save_state_dict(model_state, tmp / "model.safetensors")
+        torch.save({**trainer_state, "tied": tied}, tmp / "trainer.pt")
+    atomic_write_text(root / LATEST, name + "\n")
+    return target
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    pointer = Path(root) / LATEST
+    if not pointer.is_file():
+        return None
+    target = Path(root) / pointer.read_text().strip()
+    return target if (target / "trainer.pt").is_file() else None
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    path = Path(path)
+    state = load_state_dict_file(path / "model.safetensors")
+    try:
+        trainer = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{path / 'trainer.pt'}: unreadable: {str(exc).splitlines()[0]}") from None
+    for alias, canonical in trainer.pop("tied", {}).items():
+        state[alias] = state[canonical]
+    return state, trainer

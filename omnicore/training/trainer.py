@@ -1,0 +1,292 @@
+"""Running training stages: unified (MMU/T2I with task adapters) and vqgan (the image tokenizer).
+
+Each stage: freeze all but what it lists, AdamW with warm-up + cosine, gradient clipping and accumulation,
+bf16 autocast on GPU (fp32 on CPU), periodic atomic checkpoints with optimizer, RNG and data position.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from ..errors import OmnicoreError
+from ..model.unified import UnifiedModel
+from ..recipe.schema import DataSpec, StageSpec
+from ..registry import registry
+from .checkpoint import save_checkpoint
+from .data import MMUCollator, T2ICollator, image_to_tensor, make_loader
+from .distributed import DistInfo, average_gradients, mean_across, wrap_model
+from .freeze import apply_trainable
+from .metrics import MetricsWriter
+from .schedule import lr_factor
+
+
+@dataclass
+class RunContext:
+    run_dir: Path
+    device: torch.device
+    seed: int
+    console: Console
+    metrics: MetricsWriter
+    dist: DistInfo = field(default_factory=DistInfo)
+    stop_after_step: int | None = None  # tests: simulate a kill after this global step
+
+    @property
+    def checkpoint_root(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+
+def build_dataset(spec: DataSpec, label: str):
+    try:
+        return registry.get("dataset", spec.type).build(**spec.params)
+    except OmnicoreError as exc:
+        raise type(exc)(f"{label}: {exc}") from None
+
+
+def autocast_for(stage: StageSpec, device: torch.device):
+    precision = stage.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def capture_rng() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+             "python_pos": random.getstate()[2], "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+             "numpy_pos": int(np.random.get_state()[2])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), state["python_pos"]))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _progress(console: Console, enabled: bool) -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                    console=console, disable=not enabled, transient=False)
+
+
+def _make_optimizer(params: list[torch.nn.Parameter], stage: StageSpec) -> torch.optim.Optimizer:
+    opt = stage.optimizer
+    return torch.optim.AdamW(params, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay, eps=opt.eps)
+
+
+def _set_train_modes(model: torch.nn.Module) -> None:
+    """Modules with nothing to train run in eval mode (no dropout in frozen encoders/tokenizers)."""
+    model.train()
+    for module in model.modules():
+        if not any(p.requires_grad for p in module.parameters(recurse=True)):
+            module.eval()
+
+
+def _run_loop(*, stage: StageSpec, stage_index: int, ctx: RunContext, model: torch.nn.Module,
+              trainable: list[torch.nn.Parameter], step_fn: Callable[[int], dict[str, float]],
+              data_positions: Callable[[], dict[str, int]], start_step: int,
+              optimizer: torch.optim.Optimizer) -> None:
+    """The shared step loop: schedule, clip, step, log, checkpoint."""
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    ckpt_every = stage.checkpoint_every
+    with _progress(ctx.console, ctx.dist.is_main) as progress:
+        bar = progress.add_task(f"{stage.name}", total=stage.steps, completed=start_step, info="")
+        t0 = time.time()
+        for step in range(start_step, stage.steps):
+            factor = lr_factor(step, stage.steps, stage.schedule.warmup_steps, stage.schedule.min_lr_ratio,
+                               stage.schedule.kind)
+            for g, base in zip(optimizer.param_groups, base_lrs):
+                g["lr"] = base * factor
+            losses = step_fn(step)
+            grad_norm = None
+            if stage.grad_clip is not None:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, stage.grad_clip))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+            if any(not math.isfinite(v) for v in losses.values()):
+                raise OmnicoreError(f"stage {stage.name!r}: loss became non-finite at step {done}: {losses}")
+            if done % stage.log_every == 0 or done == stage.steps:
+                losses = {k: mean_across(v, ctx.dist) for k, v in losses.items()}
+                record = {"stage": stage.name, "step": done, "lr": base_lrs[0] * factor,
+                          **{f"loss_{k}": round(v, 6) for k, v in losses.items()},
+                          "steps_per_s": round((done - start_step) / max(1e-9, time.time() - t0), 3)}
+                if grad_norm is not None:
+                    record["grad_norm"] = round(grad_norm, 4)
+                ctx.metrics.log(record)
+                progress.update(bar, info=" ".join(f"{k} {v:.4f}" for k, v in losses.items()))
+            progress.update(bar, completed=done)
+            final = done == stage.steps
+            if final or (ckpt_every and done % ckpt_every == 0):
+                _checkpoint(ctx, model, stage, stage_index, done, optimizer, data_positions(), final)
+            if ctx.stop_after_step is not None and done >= ctx.stop_after_step and not final:
+                raise KeyboardInterrupt(f"stopped after step {done} (test hook)")
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "module", model)
+
+
+def _checkpoint(ctx: RunContext, model, stage: StageSpec, stage_index: int, step: int, optimizer,
+                positions: dict[str, int], done: bool) -> None:
+    state = _unwrap(model).state_dict()
+    if ctx.dist.enabled and stage.distributed == "fsdp":
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, StateDictOptions
+
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if ctx.dist.is_main:
+        trainer_state = {"stage_index": stage_index, "stage": stage.name, "step": step, "done": done,
+                         "optimizer": optimizer.state_dict() if not done else {}, "rng": capture_rng(),
+                         "data_positions": positions}
+        save_checkpoint(ctx.checkpoint_root, f"{stage_index:02d}-{stage.name}-step{step:07d}", state, trainer_state)
+    from .distributed import barrier
+
+    barrier(ctx.dist)
+
+
+def run_unified_stage(model: UnifiedModel, stage: StageSpec, stage_index: int, ctx: RunContext,
+                      resume: dict[str, Any] | None = None) -> None:
+    counts = apply_trainable(model, model.roles(), stage.train)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise OmnicoreError(f"stage {stage.name!r}: nothing to train (train.roles/globs/adapters are empty)")
+    if ctx.dist.is_main:
+        total = sum(counts.values())
+        ctx.console.print(f"[bold]stage {stage.name}[/bold]: {total:,} trainable parameters "
+                          + ", ".join(f"{k} {v:,}" for k, v in sorted(counts.items())))
+    ctx.metrics.log({"stage": stage.name, "event": "start", "trainable": counts})
+    if stage.gradient_checkpointing:
+        if not hasattr(model.backbone, "gradient_checkpointing"):
+            raise OmnicoreError(f"stage {stage.name!r}: this backbone does not support gradient_checkpointing")
+        model.backbone.gradient_checkpointing = True
+    W = ctx.dist.world_size
+    positions = dict((resume or {}).get("data_positions", {}))
+    loaders, consumed = {}, {}
+    for task, tspec in stage.tasks.items():
+        if tspec.batch_size % W:
+            raise OmnicoreError(f"stage {stage.name!r}: tasks.{task}.batch_size {tspec.batch_size} is not divisible "
+                                f"by the {W} processes")
+        dataset = build_dataset(tspec.data, f"stages.{stage.name}.tasks.{task}.data")
+        if task == "mmu":
+            transform = model.encoder.image_transform() if model.encoder is not None else None
+            size = model.encoder.image_size if model.encoder is not None else 0
+            collate = MMUCollator(model.layout, transform, size)
+        else:
+            collate = T2ICollator(model.layout, model.image_size, model.num_image_codes, stage.caption_dropout,
+                                  seed=ctx.seed)
+        consumed[task] = positions.get(task, 0)
+        loaders[task] = make_loader(dataset, tspec.batch_size // W, collate, seed=ctx.seed + stage_index,
+                                    start=consumed[task], shuffle=tspec.data.shuffle,
+                                    num_workers=tspec.data.num_workers, rank=ctx.dist.rank, world_size=W)
+    wrapped = wrap_model(model, ctx.dist, stage.distributed, ctx.device)
+    optimizer = _make_optimizer(trainable, stage)
+    start_step = 0
+    if resume:
+        start_step = resume["step"]
+        if resume.get("optimizer"):
+            optimizer.load_state_dict(resume["optimizer"])
+        restore_rng(resume["rng"])
+    _set_train_modes(model)
+    weights = {t: s.weight for t, s in stage.tasks.items()}
+
+    def step_fn(step: int) -> dict[str, float]:
+        sums = {t: 0.0 for t in stage.tasks}
+        for micro in range(stage.grad_accum):
+            batches = {t: next(loaders[t]) for t in stage.tasks}
+            for t in stage.tasks:
+                consumed[t] += stage.tasks[t].batch_size
+            sync = micro == stage.grad_accum - 1 or not hasattr(wrapped, "no_sync")
+            with (contextlib.nullcontext() if sync else wrapped.no_sync()):
+                with autocast_for(stage, ctx.device):
+                    losses = wrapped(batches)
+                total = sum(weights[t] * losses[t] for t in losses) / stage.grad_accum
+                total.backward()
+            for t in losses:
+                sums[t] += float(losses[t].detach()) / stage.grad_accum
+        return sums
+
+    _run_loop(stage=stage, stage_index=stage_index, ctx=ctx, model=wrapped, trainable=trainable, step_fn=step_fn,
+              data_positions=lambda: dict(consumed), start_step=start_step, optimizer=optimizer)
+    if hasattr(model.backbone, "gradient_checkpointing"):
+        model.backbone.gradient_checkpointing = False
+
+
+class _ImagesOnly:
+    """Collate raw samples with an ``image`` into a tensor batch in [-1, 1]."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __call__(self, samples: list[dict]) -> torch.Tensor:
+        missing = [i for i, s in enumerate(samples) if s.get("image") is None]
+        if missing:
+            raise OmnicoreError("vqgan stage: dataset samples need an 'image'")
+        return torch.stack([image_to_tensor(s["image"], self.size) for s in samples])
+
+
+def run_vqgan_stage(model: UnifiedModel, stage: StageSpec, stage_index: int, ctx: RunContext,
+                    resume: dict[str, Any] | None = None) -> None:
+    tokenizer = model.image_tokenizer
+    if tokenizer is None:
+        raise OmnicoreError(f"stage {stage.name!r}: a vqgan stage needs model.image_tokenizer")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    trainable = [p for p in tokenizer.parameters()]
+    for p in trainable:
+        p.requires_grad_(True)
+    if ctx.dist.is_main:
+        ctx.console.print(f"[bold]stage {stage.name}[/bold]: training the image tokenizer "
+                          f"({sum(p.numel() for p in trainable):,} parameters)")
+    W = ctx.dist.world_size
+    if stage.batch_size % W:
+        raise OmnicoreError(f"stage {stage.name!r}: batch_size {stage.batch_size} is not divisible by {W} processes")
+    dataset = build_dataset(stage.data, f"stages.{stage.name}.data")
+    consumed = {"images": (resume or {}).get("data_positions", {}).get("images", 0)}
+    loader = make_loader(dataset, stage.batch_size // W, _ImagesOnly(model.image_size), seed=ctx.seed + stage_index,
+                         start=consumed["images"], shuffle=stage.data.shuffle, num_workers=stage.data.num_workers,
+                         rank=ctx.dist.rank, world_size=W)
+    optimizer = _make_optimizer(trainable, stage)
+    start_step = 0
+    if resume:
+        start_step = resume["step"]
+        if resume.get("optimizer"):
+            optimizer.load_state_dict(resume["optimizer"])
+        restore_rng(resume["rng"])
+    tokenizer.train()
+    training_losses = tokenizer.training_losses
+
+    def step_fn(step: int) -> dict[str, float]:
+        sums: dict[str, float] = {}
+        for _ in range(stage.grad_accum):
+            images = next(loader).to(ctx.device)
+            consumed["images"] += stage.batch_size
+            with autocast_for(stage, ctx.device):
+                out = training_losses(images)
+            (out["loss"] / stage.grad_accum).backward()
+            for k, v in out.items():
+                if torch.is_tensor(v) and v.numel() == 1:
+                    sums[k] = sums.get(k, 0.0) + float(v.detach()) / stage.grad_accum
+        average_gradients(trainable, ctx.dist)  # data parallel without a wrapper: the tokenizer's entry is not forward
+        return sums
+
+    _run_loop(stage=stage, stage_index=stage_index, ctx=ctx, model=model, trainable=trainable, step_fn=step_fn,
+              data_positions=lambda: dict(consumed), start_step=start_step, optimizer=optimizer)
+    for p in tokenizer.parameters():
+        p.requires_grad_(False)
+    tokenizer.eval()
