@@ -123,6 +123,75 @@ def recipe_run(recipe: str = typer.Argument(..., help="Recipe file or name."),
     run_recipe(recipe, overrides or [], run_dir=run_dir, resume=resume, device=device, console=console)
 
 
+@app.command("generate")
+def generate_cmd(prompts: list[str] = typer.Argument(..., help="Captions to draw."),
+                 model: Path = typer.Option(..., "--model", help="A model directory (omnicore.load)."),
+                 out: Path = typer.Option(Path("generated"), "--out", help="Output directory for PNGs and grid.png."),
+                 n: int = typer.Option(1, "--n", help="Images per prompt."),
+                 guidance_scale: float = typer.Option(1.0, "--guidance-scale", help="Classifier-free guidance (1: off)."),
+                 temperature: float = typer.Option(1.0, "--temperature"),
+                 top_k: Optional[int] = typer.Option(None, "--top-k"),
+                 top_p: Optional[float] = typer.Option(None, "--top-p"),
+                 seed: Optional[int] = typer.Option(None, "--seed"),
+                 batch_size: int = typer.Option(16, "--batch-size"),
+                 device: Optional[str] = typer.Option(None, "--device")) -> None:
+    """Generate images from text prompts: a PNG per image and a grid."""
+    from rich.progress import Progress
+
+    from omnicore.generation.api import generate_images, image_grid
+    from omnicore.runner import pick_device
+
+    pipe = omnicore.load(model, device=pick_device(device))
+    out.mkdir(parents=True, exist_ok=True)
+    images = []
+    with Progress(console=console) as progress:
+        bar = progress.add_task("generating", total=len(prompts) * n)
+        for start in range(0, len(prompts), batch_size):
+            images += generate_images(pipe, prompts[start:start + batch_size], n_per_prompt=n,
+                                      guidance_scale=guidance_scale, temperature=temperature, top_k=top_k,
+                                      top_p=top_p, seed=seed, batch_size=batch_size)
+            progress.update(bar, completed=len(images))
+    for i, im in enumerate(images):
+        im.save(out / f"{i // n:04d}-{i % n}.png")
+    image_grid(images).save(out / "grid.png")
+    console.print(f"wrote {len(images)} images and grid.png to {out}")
+
+
+@app.command("ask")
+def ask_cmd(image: Optional[str] = typer.Argument(..., help="Image file ('-' for a text-only question)."),
+            question: str = typer.Argument(..., help="The question."),
+            model: Path = typer.Option(..., "--model", help="A model directory (omnicore.load)."),
+            max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
+            temperature: float = typer.Option(0.0, "--temperature", help="0: greedy."),
+            device: Optional[str] = typer.Option(None, "--device")) -> None:
+    """Answer a question about an image, streaming the answer to the terminal."""
+    from omnicore.runner import pick_device
+
+    pipe = omnicore.load(model, device=pick_device(device))
+    for piece in pipe.stream_answer(None if image == "-" else image, question, max_new_tokens=max_new_tokens,
+                                    temperature=temperature):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+@app.command("pretokenize")
+def pretokenize_cmd(folder: Path = typer.Argument(..., help="Images with same-stem .txt captions."),
+                    out: Path = typer.Option(..., "--out", help="The JSONL file to write (caption + codes)."),
+                    model: Optional[Path] = typer.Option(None, "--model", help="A model directory whose tokenizer to use."),
+                    recipe: Optional[str] = typer.Option(None, "--recipe", help="Or: a recipe whose model.image_tokenizer to build."),
+                    image_size: Optional[int] = typer.Option(None, "--image-size", help="Resize to this (default: the model's)."),
+                    batch_size: int = typer.Option(16, "--batch-size"),
+                    device: Optional[str] = typer.Option(None, "--device")) -> None:
+    """Run the image tokenizer over an image+caption folder into T2I JSONL."""
+    from omnicore.pretokenize import pretokenize
+    from omnicore.runner import pick_device
+
+    n = pretokenize(folder, out, model_dir=model, recipe=recipe, image_size=image_size, batch_size=batch_size,
+                    device=pick_device(device), console=console)
+    console.print(f"wrote {n} records to {out}")
+
+
 def _add_plugin_commands() -> None:
     try:
         from omnicore.plugin_host import host
