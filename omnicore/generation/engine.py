@@ -98,7 +98,8 @@ def stream_text(model, pixels: torch.Tensor | None, has_image: torch.Tensor | No
     for t in range(s.max_new_tokens):
         token = next_token(logits, s, generator, generated if s.repetition_penalty != 1.0 else None)
         token = torch.where(finished, torch.full_like(token, pad), token)
-        finished |= torch.isin(token, stops)
+        if not s.ignore_eos:
+            finished |= torch.isin(token, stops)
         generated = torch.cat([generated, token[:, None]], dim=1)
         yield token
         if bool(finished.all()) or t + 1 == s.max_new_tokens:

@@ -17,6 +17,7 @@ class Sampling:
     repetition_penalty: float = 1.0
     seed: int | None = None
     max_new_tokens: int = 64
+    ignore_eos: bool = False  # benchmarks: always generate max_new_tokens
 
     @classmethod
     def from_kwargs(cls, **kw) -> "Sampling":

@@ -121,6 +121,7 @@ class SamplingSpec(Strict):
     guidance_scale: float = Field(1.0, ge=0)
     seed: Optional[int] = None
     greedy: bool = False
+    ignore_eos: bool = False
 
 
 class InferenceSpec(Strict):

@@ -1,0 +1,185 @@
+"""Generation benchmark on a GPU: omnicore (Mamba-2 1.3B shape, random weights, bf16) against a same-size
+Transformer (transformers' Llama: 2048 wide, 24 layers, 16 heads, MLP 5504), eager and static-cache compiled.
+
+Jobs: T2I (72-token caption prefix + 256 codes) at batch 1/16/64, with and without guidance; MMU
+(729 image positions + 64 text tokens, 128 new tokens); long generation 1K..16K tokens with peak memory.
+Prints a table. Run: python benchmarks/bench_generation.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+
+import torch
+
+import omnicore
+from omnicore.generation.engine import generate_codes, generate_text
+from omnicore.generation.sampling import Sampling
+from omnicore.model.unified import build_from_spec
+
+ROWS: list[dict] = []
+
+
+def timed(fn, repeat: int = 3) -> tuple[float, float]:
+    """Best wall time of ``repeat`` runs after one warm-up, and peak GiB of the last run."""
+    fn()
+    torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(repeat):
+        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return best, torch.cuda.max_memory_allocated() / 2**30
+
+
+def record(model: str, job: str, batch: int, seconds: float, units: float, unit: str, peak: float) -> None:
+    row = dict(model=model, job=job, batch=batch, seconds=seconds, rate=units / seconds, unit=unit, peak=peak)
+    ROWS.append(row)
+    print(f"{model:34s} {job:28s} {batch:4d} {seconds:9.3f}s {units / seconds:10.2f} {unit:9s} {peak:7.2f} GiB", flush=True)
+
+
+def omni_model(mmu_positions: int = 1500, kernel: str = "auto"):
+    spec = {
+        "text_tokenizer": {"type": "byte"},
+        "backbone": {"type": "mamba2", "params": {"size": "1.3b", "kernel": kernel,
+                                                   "lora": {"tasks": ["mmu", "t2i"], "r": 8, "alpha": 32, "dropout": 0.0}}},
+        "image_tokenizer": {"type": "vqgan"},
+        "encoder": {"type": "dinosiglip"},
+        "projector": {"type": "mlp_gelu"},
+        "heads": {"text": {"type": "text_vocab", "params": {"vocab_size": 50304}},
+                  "image": {"type": "image_vocab"}, "caption": {"type": "caption_mlp"},
+                  "mmu_positions": {"type": "position_table", "params": {"num_positions": mmu_positions}},
+                  "t2i_positions": {"type": "position_table", "params": {"num_positions": 256 + 73}}},
+        "max_caption_tokens": 68, "image_size": 256,
+    }
+    torch.manual_seed(0)
+    return build_from_spec(spec).to("cuda", torch.bfloat16).eval()
+
+
+def llama(vocab: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=2048, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16,
+                      intermediate_size=5504, vocab_size=vocab, max_position_embeddings=20000)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
+
+
+def bench_t2i(model, batches, quick: bool) -> None:
+    caption = "x" * 68  # 68 caption tokens: a 72-token prefix with the 4 specials
+    s = Sampling(temperature=1.0, top_k=1000)
+    for b in batches:
+        for scale in (1.0, 3.0):
+            sec, peak = timed(lambda: generate_codes(model, [caption] * b, scale, s), 1 if quick else 3)
+            record("omnicore mamba2-1.3b (cuda graph)", f"t2i 72+256 cfg={scale:g}", b, sec, b, "images/s", peak)
+
+
+def bench_llama_t2i(batches, quick: bool) -> None:
+    m = llama(16384)
+    for static in (False, True):
+        name = "llama-1.3b static+compile" if static else "llama-1.3b eager"
+        for b in batches:
+            ids = torch.randint(0, 16384, (b, 72), device="cuda")
+            kw = dict(max_new_tokens=256, min_new_tokens=256, do_sample=True, top_k=1000, pad_token_id=0)
+            if static:
+                kw["cache_implementation"] = "static"
+            sec, peak = timed(lambda: m.generate(ids, attention_mask=torch.ones_like(ids), **kw), 1 if quick else 2)
+            record(name, "t2i 72+256", b, sec, b, "images/s", peak)
+    del m
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def bench_mmu(model, batch: int) -> None:
+    pixels = torch.randn(batch, 3, 384, 384, device="cuda", dtype=torch.bfloat16)
+    q = [list(range(100, 164))] * batch  # 64 text tokens after the 733 image/special positions
+    s = Sampling(greedy=True, max_new_tokens=128, ignore_eos=True)
+    sec, peak = timed(lambda: generate_text(model, pixels, None, q, s))
+    record("omnicore mamba2-1.3b (cuda graph)", "mmu 733+64 -> 128", batch, sec, batch * 128, "tokens/s", peak)
+
+
+def bench_llama_mmu(batch: int) -> None:
+    m = llama(50304)
+    ids = torch.randint(0, 50304, (batch, 797), device="cuda")
+    for static in (False, True):
+        kw = dict(max_new_tokens=128, min_new_tokens=128, do_sample=False, pad_token_id=0)
+        if static:
+            kw["cache_implementation"] = "static"
+        sec, peak = timed(lambda: m.generate(ids, attention_mask=torch.ones_like(ids), **kw), 2)
+        record("llama-1.3b " + ("static+compile" if static else "eager"), "mmu 797 -> 128", batch, sec,
+               batch * 128, "tokens/s", peak)
+    del m
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def bench_long(lengths, batch: int) -> None:
+    model = omni_model(mmu_positions=max(lengths) + 1024)
+    for n in lengths:
+        s = Sampling(greedy=True, max_new_tokens=n, ignore_eos=True)
+        q = [list(range(100, 116))] * batch
+        sec, peak = timed(lambda: generate_text(model, None, None, q, s), 1)
+        record("omnicore mamba2-1.3b (cuda graph)", f"long text 16+{n}", batch, sec, batch * n, "tokens/s", peak)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    m = llama(50304)
+    for n in lengths:
+        ids = torch.randint(0, 50304, (batch, 16), device="cuda")
+        kw = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        sec, peak = timed(lambda: m.generate(ids, attention_mask=torch.ones_like(ids), **kw), 1)
+        record("llama-1.3b eager", f"long text 16+{n}", batch, sec, batch * n, "tokens/s", peak)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="fewer repeats and sizes")
+    ap.add_argument("--jobs", default="t2i,mmu,long", help="comma-separated: t2i, mmu, long")
+    args = ap.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    jobs = set(args.jobs.split(","))
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
+    print(f"{'model':34s} {'job':28s} {'batch':>4s} {'time':>10s} {'rate':>10s} {'unit':9s} {'peak':>11s}")
+    batches = [1, 16, 64]
+    if "t2i" in jobs or "mmu" in jobs:
+        model = omni_model()
+        if "t2i" in jobs:
+            bench_t2i(model, batches, args.quick)
+        if "mmu" in jobs:
+            bench_mmu(model, 1)
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+    if "t2i" in jobs:
+        bench_llama_t2i(batches, args.quick)
+    if "mmu" in jobs:
+        bench_llama_mmu(1)
+    if "long" in jobs:
+        bench_long([1024, 4096, 16384] if not args.quick else [1024, 4096], 8)
+    # ratios against the baselines measured in this run
+    def rate(model, job, batch):
+        return next((r["rate"] for r in ROWS if r["model"] == model and r["job"] == job and r["batch"] == batch), None)
+
+    print("\nratios (same run):")
+    for b in batches:
+        ours = rate("omnicore mamba2-1.3b (cuda graph)", "t2i 72+256 cfg=1", b)
+        guided = rate("omnicore mamba2-1.3b (cuda graph)", "t2i 72+256 cfg=3", b)
+        comp = rate("llama-1.3b static+compile", "t2i 72+256", b)
+        eager = rate("llama-1.3b eager", "t2i 72+256", b)
+        if ours:
+            print(f"  t2i batch {b}: {ours:.2f} images/s ({1 / ours * b:.3f} s per batch); "
+                  f"x{ours / comp:.2f} vs compiled llama; x{ours / eager:.2f} vs eager llama; "
+                  f"guidance costs x{ours / guided:.2f}" if comp and eager and guided else f"  t2i batch {b}: {ours:.2f}")
+    longs = [r for r in ROWS if r["model"].startswith("omnicore") and r["job"].startswith("long")]
+    if len(longs) >= 2:
+        print(f"  long generation peak memory: {longs[0]['peak']:.2f} GiB at {longs[0]['job']} -> "
+              f"{longs[-1]['peak']:.2f} GiB at {longs[-1]['job']} ({(longs[-1]['peak'] / longs[0]['peak'] - 1) * 100:+.1f}%)")
+
+
+if __name__ == "__main__":
+    main()
