@@ -61,8 +61,9 @@ def run_evaluation(model, spec: EvaluationSpec, run_dir: Path, console: Console)
     results: dict = {}
     sampling = spec.sampling.model_dump(exclude={"guidance_scale"})
     model.eval()
-    if spec.mmu is not None:
-        results.update(evaluate_mmu(model, _dataset(spec.mmu, "evaluation.mmu"), sampling))
+    if spec.mmu is not None:  # exact match of the answer: greedy decoding
+        mmu_sampling = {"greedy": True, "max_new_tokens": spec.sampling.max_new_tokens}
+        results.update(evaluate_mmu(model, _dataset(spec.mmu, "evaluation.mmu"), mmu_sampling))
     if spec.t2i is not None:
         t2i_sampling = {k: v for k, v in sampling.items() if k != "max_new_tokens"}
         results.update(evaluate_t2i(model, _dataset(spec.t2i, "evaluation.t2i"), spec.guidance_scale, t2i_sampling,

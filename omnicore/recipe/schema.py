@@ -135,7 +135,7 @@ class InferenceSpec(Strict):
 
 
 class EvaluationSpec(Strict):
-    """End-of-run evaluation on held-out data (the quick start's)."""
+    """End-of-run evaluation on held-out data: MMU answers decoded greedily; T2I sampled with ``sampling``."""
 
     mmu: Optional[DataSpec] = None
     t2i: Optional[DataSpec] = None
