@@ -103,7 +103,7 @@ def _run_loop(*, stage: StageSpec, stage_index: int, ctx: RunContext, model: tor
               data_positions: Callable[[], dict[str, int]], start_step: int,
               optimizer: torch.optim.Optimizer) -> None:
     """The shared step loop: schedule, clip, step, log, checkpoint."""
-    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    base_lrs = [stage.optimizer.lr for _ in optimizer.param_groups]  # not the groups: a resumed optimizer holds a decayed lr
     ckpt_every = stage.checkpoint_every
     with _progress(ctx.console, ctx.dist.is_main) as progress:
         bar = progress.add_task(f"{stage.name}", total=stage.steps, completed=start_step, info="")
