@@ -26,7 +26,7 @@ def _tokenizer_from(model_dir: Path | None, recipe: str | None):
             raise OmnicoreError(f"{model_dir}: this model has no image tokenizer")
         return model.image_tokenizer, model.image_size
     from .recipe import load_recipe
-    from .training.checkpoint import load_weights_file
+    from .training.checkpoint import load_component_weights
 
     r = load_recipe(recipe).recipe
     spec = r.model.image_tokenizer if r.model else None
@@ -34,7 +34,7 @@ def _tokenizer_from(model_dir: Path | None, recipe: str | None):
         raise OmnicoreError(f"{recipe}: model.image_tokenizer is not set")
     tok = registry.get("image_tokenizer", spec.type).build(**spec.params)
     if spec.weights:
-        load_weights_file(tok, spec.weights, label="model.image_tokenizer", strict=True)
+        load_component_weights(tok, spec.model_dump(), "model.image_tokenizer")
     return tok, r.model.image_size
 
 

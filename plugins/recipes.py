@@ -12,6 +12,8 @@ from omnicore import hookimpl
 def register_recipes(register):
     root = Path(str(resources.files("omnicore.recipes")))
     for path in sorted(root.rglob("*.yaml")):
+        if path.name.startswith("_"):  # shared fragments other recipes extend
+            continue
         name = path.relative_to(root).with_suffix("").as_posix()
         first = path.read_text(encoding="utf-8").splitlines()[:1]
         description = first[0].lstrip("# ").strip() if first and first[0].startswith("#") else ""

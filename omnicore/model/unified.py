@@ -216,7 +216,8 @@ class UnifiedModel(nn.Module):
 
 def _strip_weight_params(spec: dict) -> None:
     """Saved weights replace any ``weights`` file a component was first built from."""
-    spec.pop("weights", None)
+    for key in ("weights", "weights_prefix", "weights_map"):
+        spec.pop(key, None)
     params = spec.get("params", {})
     for key in [k for k in params if k == "weights" or k.endswith("_weights")]:
         params.pop(key)
@@ -249,9 +250,9 @@ def _create(kind: str, role: str, spec: dict, injected: dict[str, Any]) -> Any:
     except OmnicoreError as exc:
         raise type(exc)(f"model.{role}: {exc}") from None
     if spec.get("weights"):
-        from ..training.checkpoint import load_weights_file
+        from ..training.checkpoint import load_component_weights
 
-        load_weights_file(obj, spec["weights"], label=f"model.{role}")
+        load_component_weights(obj, spec, f"model.{role}")
     return obj
 
 

@@ -21,6 +21,8 @@ class ComponentSpec(Strict):
     type: str
     params: dict[str, Any] = Field(default_factory=dict)
     weights: Optional[str] = None  # a local file loaded after building (safetensors, or .pt read weights_only)
+    weights_prefix: Optional[str] = None  # keep only the file's keys under this prefix, stripped ("backbone.")
+    weights_map: dict[str, str] = Field(default_factory=dict)  # file key -> module key; only these are loaded
     trainable: Optional[bool] = None  # a default for stages that do not list this role
 
 

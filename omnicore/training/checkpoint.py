@@ -119,24 +119,35 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
-def load_weights_file(module: torch.nn.Module, path: str | Path, label: str = "", strict: bool = False) -> tuple[list, list]:
-    """Load a local weights file into ``module``; report missing and unexpected keys."""
+def load_component_weights(obj: torch.nn.Module, spec: dict, label: str) -> None:
+    """Load a role's local weights file, optionally a prefix or a key map of it (e.g. from a full LM checkpoint)."""
     import warnings
 
+    path = spec["weights"]
     state = load_state_dict_file(Path(path))
-    own = module.state_dict()
-    bad = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-    if bad:
-        k = bad[0]
-        raise CheckpointError(f"{path}: {label or 'weights'}: shape mismatch for {k!r}: file {tuple(state[k].shape)} "
-                              f"vs model {tuple(own[k].shape)}")
-    missing, unexpected = module.load_state_dict(state, strict=False)
-    if strict and (missing or unexpected):
-        raise CheckpointError(f"{path}: {label}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+    if spec.get("weights_prefix"):
+        prefix = spec["weights_prefix"]
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if spec.get("weights_map"):
+        missing = [k for k in spec["weights_map"] if k not in state]
+        if missing:
+            raise CheckpointError(f"{path}: {label}.weights_map: no key {missing[0]!r} in the file")
+        state = {dst: state[src] for src, dst in spec["weights_map"].items()}
+    if not state:
+        raise CheckpointError(f"{path}: {label}: no weights left to load (check weights_prefix)")
+    loader = getattr(obj, "load_mamba_state_dict", None)  # backbones that know their public layout
+    if loader is not None:
+        loader(state, strict=False)
+        return
+    own = obj.state_dict()
+    bad = next((k for k, v in state.items() if k in own and own[k].shape != v.shape), None)
+    if bad is not None:
+        raise CheckpointError(f"{path}: {label}: shape mismatch for {bad!r}: file {tuple(state[bad].shape)} vs "
+                              f"model {tuple(own[bad].shape)}")
+    missing, unexpected = obj.load_state_dict(state, strict=False)
     if missing or unexpected:
         warnings.warn(f"{path}: {label}: {len(missing)} missing keys {missing[:3]}, {len(unexpected)} unexpected "
                       f"keys {unexpected[:3]}", stacklevel=2)
-    return list(missing), list(unexpected)
 
 
 def save_checkpoint(root: Path, name: str, model_state: dict[str, torch.Tensor], trainer_state: dict[str, Any]) -> Path:
