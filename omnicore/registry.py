@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import pydantic
 
-from .errors import ParamError, PluginError, UnknownComponentError
+from .errors import OmnicoreError, ParamError, PluginError, UnknownComponentError
 from .plugin_host import PluginHost, host as default_host
 
 # kind -> the hook that registers it. A hook may also file components under a related kind
@@ -90,7 +90,14 @@ class Component:
         return out
 
     def build(self, **params: Any) -> Any:
-        return self.factory(**self.check_params(params))
+        checked = self.check_params(params)
+        try:
+            return self.factory(**checked)
+        except (ValueError, TypeError) as exc:
+            if isinstance(exc, OmnicoreError):
+                raise
+            # factories reject bad combinations of params this way: report it as the user's input error
+            raise ParamError(f"{self.kind} {self.name!r}: {exc}") from exc
 
 
 _MODEL_CACHE: dict[Any, Any] = {}

@@ -125,7 +125,7 @@ def _run_loop(*, stage: StageSpec, stage_index: int, ctx: RunContext, model: tor
             if done % stage.log_every == 0 or done == stage.steps:
                 losses = {k: mean_across(v, ctx.dist) for k, v in losses.items()}
                 record = {"stage": stage.name, "step": done, "lr": base_lrs[0] * factor,
-                          **{f"loss_{k}": round(v, 6) for k, v in losses.items()},
+                          **{("loss" if k == "loss" else f"loss_{k}"): round(v, 6) for k, v in losses.items()},
                           "steps_per_s": round((done - start_step) / max(1e-9, time.time() - t0), 3)}
                 if grad_norm is not None:
                     record["grad_norm"] = round(grad_norm, 4)
