@@ -1,1 +1,13 @@
-"""Built-in plugin package."""
+"""Built-in embeddings and vocabulary heads: text_vocab, image_vocab, caption_mlp, position_table."""
+
+from omnicore import hookimpl
+
+
+@hookimpl
+def register_heads(register):
+    from .vocab import caption_mlp, image_vocab, position_table, text_vocab
+
+    register("text_vocab", text_vocab)
+    register("image_vocab", image_vocab)
+    register("caption_mlp", caption_mlp)
+    register("position_table", position_table)
