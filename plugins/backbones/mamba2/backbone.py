@@ -1,0 +1,168 @@
+"""The Mamba-2 backbone: mamba_ssm's ``MixerModel`` without the embedding (names ``layers.{i}.mixer.*``,
+``layers.{i}.norm.weight``, ``norm_f.weight``), optional gated MLPs and attention layers (hybrid stacks).
+
+``forward(inputs_embeds, task, state, mask)`` returns the final normalised hidden states. With a ``state``
+(from ``allocate_inference_state``) L > 1 is a prefill that continues from it and L == 1 a recurrent step;
+both update the state in place and advance its offset.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.utils.checkpoint
+from torch import nn
+
+from . import lora
+from .attention import MHA, AttnContext
+from .block import Block, GatedMLP, make_norm
+from .mixer import Mamba2
+from .state import InferenceState
+
+_SKIPPED = ("embedding.weight", "lm_head.weight")
+
+
+class LoadResult(NamedTuple):
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
+class Mamba2Backbone(nn.Module):
+    def __init__(self, d_model: int, n_layer: int, ssm_cfg: dict | None = None, d_intermediate: int = 0,
+                 attn_layer_idx: list[int] | None = None, attn_cfg: dict | None = None, rms_norm: bool = True,
+                 residual_in_fp32: bool = True, norm_epsilon: float = 1e-5, kernel: str = "auto",
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        fk = {"device": device, "dtype": dtype}
+        self.d_model, self.n_layer = d_model, n_layer
+        self.attn_layer_idx = sorted(set(attn_layer_idx or []))
+        if any(not 0 <= i < n_layer for i in self.attn_layer_idx):
+            raise ValueError(f"attn_layer_idx {self.attn_layer_idx} out of range for n_layer={n_layer}")
+        self.gradient_checkpointing = False
+        self.merged_task: str | None = None
+        layers = []
+        for i in range(n_layer):
+            if i in self.attn_layer_idx:
+                mixer = MHA(d_model, causal=True, layer_idx=i, **(attn_cfg or {}), **fk)
+            else:
+                mixer = Mamba2(d_model, layer_idx=i, kernel=kernel, **(ssm_cfg or {}), **fk)
+            mlp = GatedMLP(d_model, d_intermediate, **fk) if d_intermediate > 0 else None
+            layers.append(Block(d_model, mixer, mlp, rms_norm, norm_epsilon, residual_in_fp32, **fk))
+        self.layers = nn.ModuleList(layers)
+        self.norm_f = make_norm(d_model, rms_norm, norm_epsilon, **fk)
+        self._init_weights(n_residuals_per_layer=1 if d_intermediate == 0 else 2)
+
+    def _init_weights(self, n_residuals_per_layer: int) -> None:
+        """As mamba_ssm: Linear biases zeroed; out_proj / fc2 rescaled by 1/sqrt(n_residuals * n_layer)."""
+        with torch.no_grad():
+            for name, module in self.named_modules():
+                if isinstance(module, nn.Linear):
+                    if module.bias is not None and not getattr(module.bias, "_no_reinit", False):
+                        module.bias.zero_()
+                    if name.endswith(("out_proj", "fc2")):
+                        nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+                        module.weight /= math.sqrt(n_residuals_per_layer * self.n_layer)
+
+    # ---- inference state --------------------------------------------------------------------------
+    def allocate_inference_state(self, batch_size: int, max_seqlen: int, dtype: torch.dtype | None = None,
+                                 device: torch.device | str | None = None) -> InferenceState:
+        device = torch.device(device) if device is not None else self.norm_f.weight.device
+        caches = []
+        for block in self.layers:
+            if isinstance(block.mixer, MHA):
+                caches.append(block.mixer.allocate_cache(batch_size, max_seqlen, dtype, device))
+            else:
+                caches.append(block.mixer.allocate_cache(batch_size, dtype, device))
+        return InferenceState(caches, batch_size, max_seqlen, device)
+
+    # ---- forward ----------------------------------------------------------------------------------
+    def forward(self, inputs_embeds: torch.Tensor, task: str | None = None, state: InferenceState | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        lora.check_task(self, task)
+        b, l, _ = inputs_embeds.shape
+        if mask is not None:
+            mask = mask.to(device=inputs_embeds.device, dtype=torch.bool)
+        if state is not None and state.batch_size != b:
+            raise ValueError(f"state was allocated for batch {state.batch_size}, got batch {b}")
+        ctx = None
+        if self.attn_layer_idx:
+            ctx = AttnContext.build(b, l, inputs_embeds.device, mask, state, step=state is not None and l == 1)
+        checkpoint = self.gradient_checkpointing and self.training and state is None and torch.is_grad_enabled()
+        h, residual = inputs_embeds, None
+        for i, block in enumerate(self.layers):
+            cache = state.layers[i] if state is not None else None
+            if checkpoint:
+                h, residual = torch.utils.checkpoint.checkpoint(_run_block, block, task, h, residual, cache, mask,
+                                                                ctx, use_reentrant=False)
+            else:
+                h, residual = _run_block(block, task, h, residual, cache, mask, ctx)
+        residual = h + residual
+        out = self.norm_f(residual.to(self.norm_f.weight.dtype))
+        if state is not None:
+            state.offset += l
+            state.positions += mask.sum(1) if mask is not None else l
+        return out
+
+    # ---- mamba_ssm checkpoints ---------------------------------------------------------------------
+    def load_mamba_state_dict(self, sd: dict[str, torch.Tensor], strict: bool = True) -> LoadResult:
+        """Load mamba_ssm names (``layers.0.mixer.in_proj.weight``, ...) or a full LM checkpoint's ``backbone.*``
+        keys (embedding and lm_head skipped). Works with adapters attached (peft's ``base_layer`` names)."""
+        own = self.state_dict()
+        mapped, unexpected = {}, []
+        for key, value in sd.items():
+            if key.startswith("backbone."):
+                key = key[len("backbone."):]
+            elif key in _SKIPPED or key.split(".")[0] in ("lm_head",):
+                continue
+            if key in _SKIPPED:
+                continue
+            target = key
+            if target not in own:
+                head, _, leaf = key.rpartition(".")
+                target = f"{head}.base_layer.{leaf}"
+            if target not in own:
+                unexpected.append(key)
+                continue
+            if own[target].shape != value.shape:
+                raise ValueError(f"{key}: checkpoint shape {tuple(value.shape)} != model {tuple(own[target].shape)}")
+            mapped[target] = value
+        missing = [k for k in own if k not in mapped and ".lora_" not in k]
+        if strict and (missing or unexpected):
+            raise ValueError(f"mamba state dict does not match: missing {missing[:8]}{'...' if len(missing) > 8 else ''}"
+                             f", unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
+        self.load_state_dict(mapped, strict=False)
+        return LoadResult(missing, unexpected)
+
+    # ---- task adapters (see lora.py) ------------------------------------------------------------------
+    def add_task_adapters(self, tasks=("mmu", "t2i"), r: int = 8, alpha: float = 32, dropout: float = 0.05,
+                          target_modules=("in_proj",)) -> None:
+        lora.add_task_adapters(self, tasks, r=r, alpha=alpha, dropout=dropout, target_modules=target_modules)
+
+    @property
+    def tasks(self) -> list[str]:
+        return lora.tasks_of(self)
+
+    def adapter_parameters(self, task: str | None = None):
+        return lora.adapter_parameters(self, task)
+
+    def base_parameters(self):
+        return lora.base_parameters(self)
+
+    def save_adapters(self, path, tasks=None):
+        return lora.save_adapters(self, path, tasks)
+
+    def load_adapters(self, path, strict: bool = True):
+        return lora.load_adapters(self, path, strict)
+
+    def merge_adapter(self, task: str) -> None:
+        lora.merge_adapter(self, task)
+
+    def unmerge_adapter(self) -> None:
+        lora.unmerge_adapter(self)
+
+
+def _run_block(block: Block, task, h, residual, cache, mask, ctx):
+    lora.activate(block.lora_layers, task)  # per block, so a checkpoint recompute uses the same adapter
+    return block(h, residual, cache, mask, ctx)

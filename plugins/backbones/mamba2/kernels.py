@@ -1,0 +1,135 @@
+"""Kernel choice for the Mamba-2 mixer: ``auto`` | ``torch`` | ``mamba_ssm``.
+
+mamba_ssm's Triton kernels (``mamba_chunk_scan_combined`` for training/prefill, ``selective_state_update`` for
+decoding) are used on CUDA when they import; causal-conv1d's kernels too when installed. Nothing here imports
+mamba_ssm at module import time, and ``auto`` never fails: without CUDA or mamba_ssm it is the PyTorch path.
+
+PyPI's mamba_ssm imports its compiled Mamba-1 extension ``selective_scan_cuda`` from the package ``__init__``,
+which a pure-Python build (``MAMBA_SKIP_CUDA_BUILD=TRUE``) lacks although Mamba-2 needs only Triton. When that is
+the only problem, a stand-in module takes that name (it raises if anything in it is called) and only the
+``mamba_ssm.ops.triton`` modules are imported, through a bare package object that skips the heavy ``__init__``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+import types
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
+
+KernelName = Literal["auto", "torch", "mamba_ssm"]
+KERNELS = ("auto", "torch", "mamba_ssm")
+
+
+@dataclass(frozen=True)
+class FastOps:
+    chunk_scan: Callable[..., Any]  # mamba_chunk_scan_combined
+    state_update: Callable[..., Any]  # selective_state_update
+    conv1d_fn: Callable[..., Any] | None  # causal_conv1d_fn (None: PyTorch conv)
+    conv1d_update: Callable[..., Any] | None  # causal_conv1d_update
+
+
+_cache: dict[str, Any] = {}
+
+
+class _MissingExtension(types.ModuleType):
+    """Stands in for a compiled extension that was not built; any use raises."""
+
+    def __getattr__(self, attr: str):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        raise RuntimeError(f"{self.__name__} is a stand-in installed by omnicore (mamba_ssm was built without its "
+                           f"CUDA extensions); {self.__name__}.{attr} is not available. Mamba-2 needs only the "
+                           "Triton kernels.")
+
+
+def _import_triton_ops() -> FastOps:
+    """Import the Triton ops, bypassing mamba_ssm/__init__.py when it cannot be imported."""
+    if importlib.util.find_spec("mamba_ssm") is None:
+        raise ImportError("the mamba_ssm package is not installed (pip install mamba-ssm; see README 'GPU install')")
+    if importlib.util.find_spec("triton") is None:
+        raise ImportError("triton is not installed")
+    reason = None
+    if "mamba_ssm" not in sys.modules:
+        try:
+            importlib.import_module("mamba_ssm")
+        except ImportError as exc:
+            reason = exc
+            if getattr(exc, "name", None) == "selective_scan_cuda" or "selective_scan_cuda" in str(exc):
+                sys.modules.setdefault("selective_scan_cuda", _MissingExtension("selective_scan_cuda"))
+        except Exception as exc:  # e.g. an optional dependency of mamba_ssm's models failing
+            reason = exc
+    if "mamba_ssm" not in sys.modules:  # a bare package: submodules import without running __init__
+        spec = importlib.util.find_spec("mamba_ssm")
+        shell = types.ModuleType("mamba_ssm")
+        shell.__path__ = list(spec.submodule_search_locations or [])
+        shell.__spec__ = spec
+        shell.__file__ = spec.origin
+        sys.modules["mamba_ssm"] = shell
+    try:
+        ssd = importlib.import_module("mamba_ssm.ops.triton.ssd_combined")
+        ssu = importlib.import_module("mamba_ssm.ops.triton.selective_state_update")
+    except Exception as exc:
+        extra = f" (import mamba_ssm said: {reason})" if reason else ""
+        raise ImportError(f"mamba_ssm's Triton kernels do not import: {type(exc).__name__}: {exc}{extra}") from exc
+    try:
+        from causal_conv1d import causal_conv1d_fn, causal_conv1d_update
+    except Exception:
+        causal_conv1d_fn = causal_conv1d_update = None
+    return FastOps(ssd.mamba_chunk_scan_combined, ssu.selective_state_update, causal_conv1d_fn, causal_conv1d_update)
+
+
+def fast_ops() -> FastOps:
+    """mamba_ssm's kernels, imported once; ImportError (one line, naming what is missing) when unusable."""
+    if "ops" not in _cache:
+        try:
+            _cache["ops"] = _import_triton_ops()
+        except ImportError as exc:
+            _cache["ops"] = exc
+    ops = _cache["ops"]
+    if isinstance(ops, Exception):
+        raise ImportError(str(ops))
+    return ops
+
+
+def mamba_ssm_available() -> bool:
+    import torch
+
+    if not torch.cuda.is_available():
+        return False
+    try:
+        fast_ops()
+        return True
+    except ImportError:
+        return False
+
+
+def check_kernel(kernel: str) -> None:
+    """Validate a kernel name; for an explicit ``mamba_ssm`` make sure it can be used."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {', '.join(KERNELS)}; got {kernel!r}")
+    if kernel == "mamba_ssm":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RuntimeError("kernel='mamba_ssm' needs CUDA, which is not available here; use kernel='auto' or 'torch'")
+        try:
+            fast_ops()
+        except ImportError as exc:
+            raise RuntimeError(f"kernel='mamba_ssm' is not usable: {exc}") from None
+
+
+def use_fast(kernel: str, tensor) -> bool:
+    """Whether a call on ``tensor`` takes mamba_ssm's kernels."""
+    if kernel == "torch":
+        return False
+    if not tensor.is_cuda:
+        if kernel == "mamba_ssm":
+            raise RuntimeError("kernel='mamba_ssm' needs CUDA tensors; move the model to a GPU or use kernel='auto'")
+        return False
+    if kernel == "mamba_ssm":
+        fast_ops()
+        return True
+    return mamba_ssm_available()  # auto

@@ -1,0 +1,175 @@
+"""The Mamba-2 mixer, with mamba_ssm ``Mamba2``'s parameter names, shapes and initialisation.
+
+in_proj: d_model -> [z (d_inner) | xBC (d_inner + 2*ngroups*d_state) | dt (nheads)]; xBC goes through a causal
+depthwise conv + SiLU and splits into x, B, C; the SSD scan mixes x over time; the result is gated by z
+(gated RMSNorm) and projected back by out_proj. ``forward`` runs the chunked scan (training, prefill);
+with a cache and one token it runs the recurrent step; both update the cache in place.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import kernels
+from .norm import RMSNormGated
+from .ssd import ssd_chunked, ssd_step
+from .state import MambaCache
+
+
+def _up(t: torch.Tensor) -> torch.Tensor:
+    """At least float32 (float64 stays float64)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+class Mamba2(nn.Module):
+    def __init__(self, d_model: int, d_state: int = 128, d_conv: int = 4, expand: int = 2, headdim: int = 64,
+                 ngroups: int = 1, A_init_range: tuple[float, float] = (1.0, 16.0), D_has_hdim: bool = False,
+                 rmsnorm: bool = True, norm_before_gate: bool = False, dt_min: float = 0.001, dt_max: float = 0.1,
+                 dt_init_floor: float = 1e-4, dt_limit: tuple[float, float] = (0.0, float("inf")),
+                 bias: bool = False, conv_bias: bool = True, chunk_size: int = 256, layer_idx: int | None = None,
+                 kernel: str = "auto", device=None, dtype=None) -> None:
+        super().__init__()
+        fk = {"device": device, "dtype": dtype}
+        self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
+        self.d_inner = expand * d_model
+        self.headdim, self.ngroups, self.chunk_size = headdim, ngroups, chunk_size
+        if self.d_inner % headdim:
+            raise ValueError(f"d_inner {self.d_inner} (expand*d_model) is not a multiple of headdim {headdim}")
+        self.nheads = self.d_inner // headdim
+        if self.nheads % ngroups:
+            raise ValueError(f"nheads {self.nheads} is not a multiple of ngroups {ngroups}")
+        self.dt_limit = tuple(dt_limit)
+        self.rmsnorm, self.D_has_hdim, self.layer_idx = rmsnorm, D_has_hdim, layer_idx
+        kernels.check_kernel(kernel)
+        self.kernel = kernel
+        self.conv_dim = self.d_inner + 2 * ngroups * d_state
+
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner + 2 * ngroups * d_state + self.nheads, bias=bias, **fk)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, d_conv, groups=self.conv_dim, padding=d_conv - 1,
+                                bias=conv_bias, **fk)
+        # dt_bias = softplus^-1(dt), dt log-uniform in [dt_min, dt_max]
+        dt = torch.exp(torch.rand(self.nheads, **fk) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = dt.clamp(min=dt_init_floor)
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
+        A = torch.empty(self.nheads, dtype=torch.float32, device=device).uniform_(*A_init_range)
+        self.A_log = nn.Parameter(torch.log(A).to(dtype=dtype))
+        self.D = nn.Parameter(torch.ones(self.d_inner if D_has_hdim else self.nheads, **fk))
+        for p in (self.dt_bias, self.A_log, self.D):
+            p._no_weight_decay = True
+        if rmsnorm:
+            self.norm = RMSNormGated(self.d_inner, eps=1e-5, group_size=self.d_inner // ngroups,
+                                     norm_before_gate=norm_before_gate, **fk)
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **fk)
+
+    # ---- shared pieces ------------------------------------------------------------------------------
+    def _split(self, zxbcdt: torch.Tensor):
+        return torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.nheads], dim=-1)
+
+    def _dt(self, dt: torch.Tensor) -> torch.Tensor:
+        dt = F.softplus(_up(dt) + _up(self.dt_bias))
+        if self.dt_limit != (0.0, float("inf")):
+            dt = dt.clamp(*self.dt_limit)
+        return dt
+
+    def _out(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        y = self.norm(y, z) if self.rmsnorm else y * F.silu(z)
+        return self.out_proj(y.to(self.out_proj.weight.dtype))
+
+    def allocate_cache(self, batch_size: int, dtype=None, device=None) -> MambaCache:
+        device = device or self.out_proj.weight.device
+        conv = torch.zeros(batch_size, self.conv_dim, self.d_conv, device=device,
+                           dtype=dtype or self.conv1d.weight.dtype)
+        ssm = torch.zeros(batch_size, self.nheads, self.headdim, self.d_state, device=device,
+                          dtype=dtype or self.in_proj.weight.dtype)
+        return MambaCache(conv, ssm)
+
+    # ---- forward ------------------------------------------------------------------------------------
+    def forward(self, u: torch.Tensor, cache: MambaCache | None = None, mask: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """u (B, L, d_model) -> (B, L, d_model). mask (B, L) bool: False positions leave the cache untouched."""
+        if cache is not None and u.shape[1] == 1:
+            return self.step(u, cache, None if mask is None else mask[:, 0])
+        b, l, _ = u.shape
+        fast = kernels.use_fast(self.kernel, u)
+        z, xBC, dt = self._split(self.in_proj(u))
+        dt = self._dt(dt)
+        m = None if mask is None else mask[..., None].to(xBC.dtype)
+        if m is not None:
+            xBC, dt = xBC * m, dt * m.to(dt.dtype)
+        xBC = self._conv(xBC, cache, fast)
+        if m is not None:
+            xBC = xBC * m
+        x, B, C = torch.split(xBC, [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
+        x = x.reshape(b, l, self.nheads, self.headdim)
+        B = B.reshape(b, l, self.ngroups, self.d_state)
+        C = C.reshape(b, l, self.ngroups, self.d_state)
+        A = -torch.exp(_up(self.A_log))
+        D = self.D.reshape(self.nheads, self.headdim) if self.D_has_hdim else self.D
+        init = None if cache is None else cache.ssm_state
+        if fast:
+            y, final = kernels.fast_ops().chunk_scan(
+                x, dt, A, B, C, self.chunk_size, D=D, z=None, dt_bias=None,
+                initial_states=None if init is None else init.float(), dt_softplus=False, return_final_states=True)
+        else:
+            y, final = ssd_chunked(x, dt, A, B, C, self.chunk_size, D=D, initial_state=init)
+        if cache is not None:
+            cache.ssm_state.copy_(final.detach())
+        return self._out(y.reshape(b, l, self.d_inner), z)
+
+    def _conv(self, xBC: torch.Tensor, cache: MambaCache | None, fast: bool) -> torch.Tensor:
+        """Causal depthwise conv + SiLU over (B, L, conv_dim); with a cache, continue from and refill it."""
+        l = xBC.shape[1]
+        xt = xBC.transpose(1, 2)
+        w = self.conv1d.weight
+        if cache is None:
+            ops = kernels.fast_ops() if fast else None
+            if ops is not None and ops.conv1d_fn is not None:
+                return ops.conv1d_fn(xt, w.squeeze(1), self.conv1d.bias, activation="silu").transpose(1, 2)
+            out = F.conv1d(xt, w, self.conv1d.bias, padding=self.d_conv - 1, groups=self.conv_dim)[..., :l]
+        else:
+            full = torch.cat([cache.conv_state.to(xt.dtype), xt], dim=-1)  # the last d_conv inputs, then these
+            cache.conv_state.copy_(full[..., -self.d_conv:].detach())
+            out = F.conv1d(full[..., 1:], w, self.conv1d.bias, groups=self.conv_dim)
+        return F.silu(out).transpose(1, 2)
+
+    def step(self, u: torch.Tensor, cache: MambaCache, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """One token: u (B, 1, d_model); conv and SSM states updated in place. mask (B,): False = skip."""
+        fast = kernels.use_fast(self.kernel, u)
+        ops = kernels.fast_ops() if fast else None
+        z, xBC, dt = self._split(self.in_proj(u[:, 0]))
+        dt = self._dt(dt)
+        if ops is not None and ops.conv1d_update is not None and mask is None:
+            xBC = ops.conv1d_update(xBC, cache.conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias,
+                                    activation="silu")
+        else:
+            old = cache.conv_state
+            new = torch.cat([old[..., 1:], xBC[..., None].to(old.dtype)], dim=-1)
+            if mask is not None:
+                new = torch.where(mask[:, None, None], new, old)
+            old.copy_(new.detach())
+            xBC = (new * self.conv1d.weight.squeeze(1)).sum(-1)
+            if self.conv1d.bias is not None:
+                xBC = xBC + self.conv1d.bias
+            xBC = F.silu(xBC).to(z.dtype)
+        if mask is not None:
+            xBC, dt = xBC * mask[:, None].to(xBC.dtype), dt * mask[:, None].to(dt.dtype)
+        x, B, C = torch.split(xBC, [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
+        b = x.shape[0]
+        x = x.reshape(b, self.nheads, self.headdim)
+        B = B.reshape(b, self.ngroups, self.d_state)
+        C = C.reshape(b, self.ngroups, self.d_state)
+        A = -torch.exp(_up(self.A_log))
+        D = self.D.reshape(self.nheads, self.headdim) if self.D_has_hdim else self.D
+        if ops is not None:
+            p, n = self.headdim, self.d_state
+            y = ops.state_update(cache.ssm_state, x, dt[..., None].expand(b, self.nheads, p),
+                                 A[:, None, None].expand(self.nheads, p, n), B, C,
+                                 D=D if D.dim() == 2 else D[:, None].expand(self.nheads, p), z=None,
+                                 dt_bias=dt.new_zeros(()).expand(self.nheads, p), dt_softplus=False)
+        else:
+            y = ssd_step(cache.ssm_state, x, dt, A, B, C, D)
+        return self._out(y.reshape(b, 1, self.d_inner), z[:, None])
