@@ -74,6 +74,9 @@ def stream_answer(model, image, question: str, **sampling) -> Iterator[str]:
             continue
         yield text[len(shown):]
         shown = text
+    text = model.text_tokenizer.decode(ids)
+    if len(text) > len(shown):  # what an incomplete character held back at the end
+        yield text[len(shown):]
 
 
 def codes_to_images(model, codes: torch.Tensor) -> list:

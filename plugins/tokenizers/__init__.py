@@ -12,7 +12,7 @@ def build_vqgan(preset: Literal["vq16", "tiny"] = "vq16", ch: Optional[int] = No
                 z_channels: Optional[int] = None, codebook_size: Optional[int] = None,
                 codebook_embed_dim: Optional[int] = None, codebook_l2_norm: Optional[bool] = None,
                 commit_beta: Optional[float] = None, dropout: Optional[float] = None,
-                weights: Optional[str] = None):
+                norm_groups: Optional[int] = None, weights: Optional[str] = None):
     """VQGAN image tokenizer, LlamaGen VQ-16 by default (16384 x 8 codebook, 256 px -> 16x16 codes)."""
     import dataclasses
 
@@ -21,7 +21,8 @@ def build_vqgan(preset: Literal["vq16", "tiny"] = "vq16", ch: Optional[int] = No
     overrides = {k: v for k, v in dict(ch=ch, ch_mult=tuple(ch_mult) if ch_mult else None, num_res_blocks=num_res_blocks,
                                        z_channels=z_channels, codebook_size=codebook_size,
                                        codebook_embed_dim=codebook_embed_dim, codebook_l2_norm=codebook_l2_norm,
-                                       commit_beta=commit_beta, dropout=dropout).items() if v is not None}
+                                       commit_beta=commit_beta, dropout=dropout,
+                                       norm_groups=norm_groups).items() if v is not None}
     model = VQGAN(dataclasses.replace(PRESETS[preset], **overrides))
     if weights:
         from omnicore.training.checkpoint import load_component_weights

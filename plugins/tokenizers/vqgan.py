@@ -14,8 +14,13 @@ import torch.nn.functional as F
 from torch import nn
 
 
+_GROUPS = {"n": 32}  # set per model while it is built (LlamaGen: 32 groups)
+
+
 def _norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=min(32, channels), num_channels=channels, eps=1e-6, affine=True)
+    # Few channels per group normalise colour away (a 1-channel group is an instance norm): small models use
+    # fewer groups than LlamaGen's 32.
+    return nn.GroupNorm(num_groups=min(_GROUPS["n"], channels), num_channels=channels, eps=1e-6, affine=True)
 
 
 class ResnetBlock(nn.Module):
@@ -180,8 +185,31 @@ class VectorQuantizer(nn.Module):
         """codes (B, h, w) -> vectors (B, C, h, w)."""
         return F.embedding(codes, self.codebook()).permute(0, 3, 1, 2).contiguous()
 
+    @torch.no_grad()
+    def _revive(self, z: torch.Tensor, codes: torch.Tensor) -> None:
+        """Training only: seed the codebook from encoder outputs, then re-seed codes that fell out of use.
+
+        A codebook trained from scratch otherwise collapses onto a few codes. Usage is an exponential moving
+        count kept in the first ``codebook_size`` entries of ``codebook_used``.
+        """
+        flat = z.permute(0, 2, 3, 1).reshape(-1, self.embed_dim)
+        flat = F.normalize(flat, p=2, dim=-1) if self.l2_norm else flat
+        usage = self.codebook_used[: self.codebook_size]
+        fresh = usage.sum() == 0
+        usage.mul_(0.99).add_(torch.bincount(codes.flatten(), minlength=self.codebook_size).to(usage.dtype))
+        dead = torch.ones_like(usage, dtype=torch.bool) if fresh else usage < 1e-3 * usage.sum() / self.codebook_size
+        n = int(dead.sum())
+        if n:
+            pick = torch.randint(0, flat.shape[0], (n,), device=flat.device)
+            noise = 0.01 * torch.randn(n, self.embed_dim, device=flat.device, dtype=flat.dtype)
+            self.embedding.weight.data[dead] = (flat[pick] + noise).to(self.embedding.weight.dtype)
+            usage[dead] = usage.sum() / self.codebook_size  # a grace period before it can be revived again
+
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         codes = self.indices(z)
+        if self.training:
+            self._revive(z, codes)
+            codes = self.indices(z)
         zq = self.lookup(codes)
         zn = F.normalize(z, p=2, dim=1) if self.l2_norm else z
         losses = {"codebook": F.mse_loss(zq, zn.detach()), "commitment": self.beta * F.mse_loss(zn, zq.detach())}
@@ -200,13 +228,14 @@ class VQConfig:
     commit_beta: float = 0.25
     dropout: float = 0.0
     image_size: int = 256
+    norm_groups: int = 32
 
 
 PRESETS: dict[str, VQConfig] = {
     "vq16": VQConfig(),  # LlamaGen VQ-16: 256 px -> 16x16 codes
     # quick start / tests: 32 px -> 4x4 codes, trains on a CPU in a minute or two
     "tiny": VQConfig(ch=16, ch_mult=(1, 2, 2, 4), num_res_blocks=1, z_channels=32, codebook_size=128,
-                     codebook_embed_dim=8, image_size=32),
+                     codebook_embed_dim=16, codebook_l2_norm=False, image_size=32, norm_groups=8),
 }
 
 
@@ -214,8 +243,12 @@ class VQGAN(nn.Module):
     def __init__(self, config: VQConfig) -> None:
         super().__init__()
         self.config = config
-        self.encoder = Encoder(config.ch, config.ch_mult, config.num_res_blocks, config.z_channels, config.dropout)
-        self.decoder = Decoder(config.ch, config.ch_mult, config.num_res_blocks, config.z_channels, config.dropout)
+        _GROUPS["n"] = config.norm_groups
+        try:
+            self.encoder = Encoder(config.ch, config.ch_mult, config.num_res_blocks, config.z_channels, config.dropout)
+            self.decoder = Decoder(config.ch, config.ch_mult, config.num_res_blocks, config.z_channels, config.dropout)
+        finally:
+            _GROUPS["n"] = 32
         self.quantize = VectorQuantizer(config.codebook_size, config.codebook_embed_dim, config.commit_beta,
                                         config.codebook_l2_norm)
         self.quant_conv = nn.Conv2d(config.z_channels, config.codebook_embed_dim, 1)
