@@ -1,0 +1,198 @@
+"""The unified model end to end on the quick-start recipe, shrunk: build, save/load, run, kill + resume, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+
+import omnicore
+from omnicore.errors import OmnicoreError
+from omnicore.runner import run_recipe
+
+# Every stage a few steps, tiny data: the pipeline, not the learning (the quick start itself shows learning).
+TINY = ["stages.tokenizer.steps=3", "stages.stage1_mmu.steps=3", "stages.stage1_t2i.steps=3",
+        "stages.stage2_unified.steps=4", "stages.tokenizer.batch_size=8", "stages.stage1_mmu.tasks.mmu.batch_size=4",
+        "stages.stage1_t2i.tasks.t2i.batch_size=4", "stages.stage2_unified.tasks.mmu.batch_size=4",
+        "stages.stage2_unified.tasks.t2i.batch_size=4",
+        "evaluation.mmu.params.size=2", "evaluation.t2i.params.size=2"]
+
+
+def quiet() -> Console:
+    return Console(file=open(os.devnull, "w"))
+
+
+def omni(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "omnicore.cli", *args], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    return omnicore.build("quickstart")
+
+
+def mmu_batch(model, n=2):
+    ds = omnicore.create("dataset", "synthetic_shapes", task="mmu", size=n, image_size=32)
+    from omnicore.training.data import MMUCollator
+
+    return MMUCollator(model.layout, model.encoder.image_transform(), 32)([ds[i] for i in range(n)])
+
+
+def t2i_batch(model, n=2):
+    ds = omnicore.create("dataset", "synthetic_shapes", task="t2i", size=n, image_size=32)
+    from omnicore.training.data import T2ICollator
+
+    return T2ICollator(model.layout, 32, model.num_image_codes)([ds[i] for i in range(n)])
+
+
+def test_layouts_and_losses(tiny_model):
+    m = tiny_model.eval()
+    assert m.num_image_codes == 16 and m.mmu_prefix_len == 4 + m.encoder.num_patches
+    mb, tb = mmu_batch(m), t2i_batch(m)
+    assert (mb["labels"] != -100).any() and tb["prefix_ids"].shape == (2, m.layout.t2i_prefix_len)
+    with torch.no_grad():
+        lm, lt = m.loss("mmu", mb), m.loss("t2i", tb)
+    # untrained: close to uniform over each head's own vocabulary
+    assert abs(float(lt) - torch.log(torch.tensor(float(m.image_tokenizer.codebook_size)))) < 1.5
+    assert torch.isfinite(lm)
+
+
+def test_tasks_use_their_own_adapters(tiny_model):
+    m = tiny_model.eval()
+    batch = mmu_batch(m)
+    with torch.no_grad():  # make adapters non-trivial (peft starts lora_B at zero)
+        for name, p in m.backbone.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.05 * torch.randn_like(p))
+        x = m.mmu_embeddings(batch["pixels"], batch["has_image"], batch["text_ids"], 2)
+        assert not torch.allclose(m.backbone(x, task="mmu"), m.backbone(x, task="t2i"))
+
+
+def test_save_and_load_restore_the_same_model(tiny_model, tmp_path):
+    m = tiny_model.eval()
+    m.save(tmp_path / "m")
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["adapters.safetensors", "config.json",
+                                                                  "model.safetensors"]
+    loaded = omnicore.load(tmp_path / "m")
+    batch = t2i_batch(m)
+    with torch.no_grad():
+        assert torch.equal(m.loss("t2i", batch), loaded.loss("t2i", batch))
+    for (k, a), (k2, b) in zip(m.state_dict().items(), loaded.state_dict().items()):
+        assert k == k2 and torch.equal(a, b), k
+
+
+def test_load_rejects_non_model_dirs(tmp_path):
+    with pytest.raises(OmnicoreError, match="not a model directory"):
+        omnicore.load(tmp_path)
+
+
+def test_tiny_quickstart_runs_end_to_end(tmp_path):
+    run = tmp_path / "run"
+    r = omni("recipe", "run", "quickstart", *TINY, "--run-dir", str(run))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1] == f"final model: {run / 'model'}"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    last = {rec["stage"]: rec["step"] for rec in records if "step" in rec}
+    assert last == {"tokenizer": 3, "stage1_mmu": 3, "stage1_t2i": 3, "stage2_unified": 4}
+    starts = {rec["stage"]: rec["trainable"] for rec in records if rec.get("event") == "start"}
+    assert set(starts["stage1_t2i"]) == {"heads.image", "heads.caption", "heads.t2i_positions",
+                                         "backbone"}  # backbone: the t2i adapter only
+    assert starts["stage1_t2i"]["backbone"] < starts["stage2_unified"]["backbone"]
+    evaluation = json.loads((run / "eval.json").read_text())
+    assert 0 <= evaluation["mmu_accuracy"] <= 1 and 0 <= evaluation["t2i_color_acc"] <= 1
+    assert (run / "eval" / "t2i_samples.png").is_file() and (run / "recipe.yaml").is_file()
+    model = omnicore.load(run / "model")
+    assert isinstance(model.answer([None], ["What shape is it?"], max_new_tokens=4)[0], str)
+
+
+def test_rerun_into_existing_run_dir_is_refused(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    r = omni("recipe", "run", "quickstart", *TINY, "--run-dir", str(run))
+    assert r.returncode == 2 and "already holds a run" in r.stderr
+
+
+def _final_state(run: Path) -> dict:
+    return omnicore.load(run / "model").state_dict()
+
+
+def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
+    """Stop mid-stage right after a checkpoint (in process), resume, and match an uninterrupted run exactly."""
+    overrides = TINY + ["stages.stage1_mmu.steps=6", "stages.stage1_mmu.checkpoint_every=2", "~evaluation"]
+    full = run_recipe("quickstart", overrides, run_dir=tmp_path / "full", console=quiet())
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe("quickstart", overrides, run_dir=tmp_path / "cut", console=quiet(), stop_after_step=4)
+    assert (tmp_path / "cut" / "checkpoints" / "latest").read_text().strip() == "01-stage1_mmu-step0000004"
+    run_recipe("quickstart", overrides, run_dir=tmp_path / "cut", resume=True, console=quiet())
+    a, b = _final_state(full), _final_state(tmp_path / "cut")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_killed_process_resumes_to_the_final_step(tmp_path):
+    """SIGKILL a real run once a checkpoint exists; --resume finishes every stage."""
+    run = tmp_path / "run"
+    overrides = TINY + ["stages.stage1_t2i.steps=40", "stages.stage1_t2i.checkpoint_every=1", "~evaluation"]
+    proc = subprocess.Popen([sys.executable, "-m", "omnicore.cli", "recipe", "run", "quickstart", *overrides,
+                             "--run-dir", str(run)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = run / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        name = latest.read_text().strip() if latest.is_file() else ""
+        if "stage1_t2i" in name and int(name.rsplit("step", 1)[1]) >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = latest.read_text().strip()
+    assert "stage1_t2i" in killed_at
+    r = omni("recipe", "run", "quickstart", *overrides, "--run-dir", str(run), "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert max(rec.get("step", 0) for rec in records if rec.get("stage") == "stage1_t2i") == 40
+    assert max(rec.get("step", 0) for rec in records if rec.get("stage") == "stage2_unified") == 4
+    assert int(killed_at.rsplit("step", 1)[1]) < 40  # it really was cut mid-stage
+
+
+DDP_RECIPE = """\
+extends: quickstart
+stages:
+  - name: t2i
+    tasks: {t2i: {batch_size: 8, data: {type: synthetic_shapes, params: {task: t2i, size: 64, image_size: 32}}}}
+    train: {roles: [heads.image, heads.caption], adapters: [t2i]}
+    optimizer: {lr: 1.0e-3}
+    steps: 3
+    log_every: 1
+"""
+
+
+def test_ddp_two_processes_match_one(tmp_path):
+    """gloo, 2 processes, the same global batch (4 + 4 vs 8): the same losses as one process."""
+    recipe = tmp_path / "ddp.yaml"
+    recipe.write_text(DDP_RECIPE)
+    overrides = ["~evaluation", "model.backbone.params.lora.dropout=0.0"]  # dropout masks differ per process
+    one = omni("recipe", "run", str(recipe), *overrides, "--run-dir", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = omni("recipe", "run", str(recipe), *overrides, "--run-dir", str(tmp_path / "two"), "--nproc-per-node", "2",
+               env={"OMP_NUM_THREADS": "1"})
+    assert two.returncode == 0, two.stderr[-3000:]
+
+    def losses(run):
+        recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [rec["loss_t2i"] for rec in recs if rec.get("stage") == "t2i" and "loss_t2i" in rec]
+
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(a) == len(b) == 3
+    assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
+    assert a[2] != a[0]  # it trained
