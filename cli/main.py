@@ -51,14 +51,15 @@ def plugins_cmd(kind: Optional[str] = typer.Option(None, help="Only components o
     host.load()
     table = Table(title="plugins")
     for col in ("plugin", "package", "version", "status"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")  # never elide names: users copy them
     for info in sorted(host.plugins.values(), key=lambda p: (not p.builtin, p.name)):
         status = f"[red]failed: {info.error}[/red]" if info.error else "ok"
         table.add_row(info.name, info.package, info.version, status)
     console.print(table)
     comps = Table(title="components")
-    for col in ("kind", "name", "package", "version", "description"):
-        comps.add_column(col)
+    for col in ("kind", "name", "package", "version"):
+        comps.add_column(col, overflow="fold", no_wrap=False)
+    comps.add_column("description", ratio=1)
     for c in omnicore.list_components(kind, pattern):
         comps.add_row(c.kind, c.name, c.package, c.version, c.description)
     console.print(comps)

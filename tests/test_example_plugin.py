@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,8 @@ EXAMPLE = REPO / "examples" / "omnicore-example-plugin"
 
 
 def run(*args, **kw):
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300, **kw)
+    env = {**os.environ, "COLUMNS": "250"}  # a wide table: one component per line
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300, env=env, **kw)
 
 
 @pytest.fixture(scope="module")

@@ -85,6 +85,16 @@ def _progress(console: Console, enabled: bool) -> Progress:
                     console=console, disable=not enabled, transient=False)
 
 
+def _restore_progress(optimizer: torch.optim.Optimizer, resume: dict[str, Any] | None) -> int:
+    """Put a resumed stage's optimizer and RNG back; returns the step to continue from."""
+    if not resume:
+        return 0
+    if resume.get("optimizer"):
+        optimizer.load_state_dict(resume["optimizer"])
+    restore_rng(resume["rng"])
+    return resume["step"]
+
+
 def _make_optimizer(params: list[torch.nn.Parameter], stage: StageSpec) -> torch.optim.Optimizer:
     opt = stage.optimizer
     return torch.optim.AdamW(params, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay, eps=opt.eps)
@@ -196,12 +206,7 @@ def run_unified_stage(model: UnifiedModel, stage: StageSpec, stage_index: int, c
                                     num_workers=tspec.data.num_workers, rank=ctx.dist.rank, world_size=W)
     wrapped = wrap_model(model, ctx.dist, stage.distributed, ctx.device)
     optimizer = _make_optimizer(trainable, stage)
-    start_step = 0
-    if resume:
-        start_step = resume["step"]
-        if resume.get("optimizer"):
-            optimizer.load_state_dict(resume["optimizer"])
-        restore_rng(resume["rng"])
+    start_step = _restore_progress(optimizer, resume)
     _set_train_modes(model)
     weights = {t: s.weight for t, s in stage.tasks.items()}
 
@@ -262,12 +267,7 @@ def run_vqgan_stage(model: UnifiedModel, stage: StageSpec, stage_index: int, ctx
                          start=consumed["images"], shuffle=stage.data.shuffle, num_workers=stage.data.num_workers,
                          rank=ctx.dist.rank, world_size=W)
     optimizer = _make_optimizer(trainable, stage)
-    start_step = 0
-    if resume:
-        start_step = resume["step"]
-        if resume.get("optimizer"):
-            optimizer.load_state_dict(resume["optimizer"])
-        restore_rng(resume["rng"])
+    start_step = _restore_progress(optimizer, resume)
     tokenizer.train()
     training_losses = tokenizer.training_losses
 
