@@ -77,6 +77,18 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
+def _run_level(block: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """One resolution level: ResNet blocks (each followed by attention where the level has it), then resampling."""
+    for i, res in enumerate(block.res):
+        h = res(h)
+        if len(block.attn):
+            h = block.attn[i](h)
+    for resample in ("downsample", "upsample"):
+        if hasattr(block, resample):
+            h = getattr(block, resample)(h)
+    return h
+
+
 class Encoder(nn.Module):
     def __init__(self, ch: int, ch_mult: tuple[int, ...], num_res_blocks: int, z_channels: int, dropout: float) -> None:
         super().__init__()
@@ -105,12 +117,7 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
         for block in self.conv_blocks:
-            for i, res in enumerate(block.res):
-                h = res(h)
-                if len(block.attn):
-                    h = block.attn[i](h)
-            if hasattr(block, "downsample"):
-                h = block.downsample(h)
+            h = _run_level(block, h)
         for layer in self.mid:
             h = layer(h)
         return self.conv_out(F.silu(self.norm_out(h)))
@@ -146,12 +153,7 @@ class Decoder(nn.Module):
         for layer in self.mid:
             h = layer(h)
         for block in self.conv_blocks:
-            for i, res in enumerate(block.res):
-                h = res(h)
-                if len(block.attn):
-                    h = block.attn[i](h)
-            if hasattr(block, "upsample"):
-                h = block.upsample(h)
+            h = _run_level(block, h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
