@@ -3,7 +3,9 @@ Transformer (transformers' Llama: 2048 wide, 24 layers, 16 heads, MLP 5504), eag
 
 Jobs: T2I (72-token caption prefix + 256 codes) at batch 1/16/64, with and without guidance; MMU
 (729 image positions + 64 text tokens, 128 new tokens); long generation 1K..16K tokens with peak memory.
-Prints a table. Run: python benchmarks/bench_generation.py [--quick]
+Omnicore runs as two decode variants: CUDA graph over eager kernels ("graph") and CUDA graph over the
+torch.compile'd step ("compiled"); "llama" in --jobs adds the Transformer baselines for the jobs chosen.
+Prints a table. Run: python benchmarks/bench_generation.py [--quick] [--jobs t2i,mmu,long,llama]
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import time
 import torch
 
 import omnicore
-from omnicore.generation.engine import generate_codes, generate_text
+from omnicore.generation.engine import clear_decode_cache, generate_codes, generate_text
 from omnicore.generation.sampling import Sampling
 from omnicore.model.unified import build_from_spec
 
@@ -43,10 +45,17 @@ def record(model: str, job: str, batch: int, seconds: float, units: float, unit:
     print(f"{model:34s} {job:28s} {batch:4d} {seconds:9.3f}s {units / seconds:10.2f} {unit:9s} {peak:7.2f} GiB", flush=True)
 
 
-def omni_model(mmu_positions: int = 1500, kernel: str = "auto"):
+VARIANTS = {"graph": False, "compiled": True}  # CUDA graph with eager kernels / with the torch.compile'd step
+
+
+def label(variant: str) -> str:
+    return f"omnicore mamba2-1.3b ({'graph+compile' if VARIANTS[variant] else 'graph'})"
+
+
+def omni_model(mmu_positions: int = 1500, kernel: str = "auto", compile_decode: bool = True):
     spec = {
         "text_tokenizer": {"type": "byte"},
-        "backbone": {"type": "mamba2", "params": {"size": "1.3b", "kernel": kernel,
+        "backbone": {"type": "mamba2", "params": {"size": "1.3b", "kernel": kernel, "compile_decode": compile_decode,
                                                    "lora": {"tasks": ["mmu", "t2i"], "r": 8, "alpha": 32, "dropout": 0.0}}},
         "image_tokenizer": {"type": "vqgan"},
         "encoder": {"type": "dinosiglip"},
@@ -70,13 +79,13 @@ def llama(vocab: int):
     return LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
 
 
-def bench_t2i(model, batches, quick: bool) -> None:
+def bench_t2i(model, batches, quick: bool, name: str) -> None:
     caption = "x" * 68  # 68 caption tokens: a 72-token prefix with the 4 specials
     s = Sampling(temperature=1.0, top_k=1000)
     for b in batches:
         for scale in (1.0, 3.0):
             sec, peak = timed(lambda: generate_codes(model, [caption] * b, scale, s), 1 if quick else 3)
-            record("omnicore mamba2-1.3b (cuda graph)", f"t2i 72+256 cfg={scale:g}", b, sec, b, "images/s", peak)
+            record(name, f"t2i 72+256 cfg={scale:g}", b, sec, b, "images/s", peak)
 
 
 def bench_llama_t2i(batches, quick: bool) -> None:
@@ -95,12 +104,12 @@ def bench_llama_t2i(batches, quick: bool) -> None:
     torch.cuda.empty_cache()
 
 
-def bench_mmu(model, batch: int) -> None:
+def bench_mmu(model, batch: int, name: str) -> None:
     pixels = torch.randn(batch, 3, 384, 384, device="cuda", dtype=torch.bfloat16)
     q = [list(range(100, 164))] * batch  # 64 text tokens after the 733 image/special positions
     s = Sampling(greedy=True, max_new_tokens=128, ignore_eos=True)
     sec, peak = timed(lambda: generate_text(model, pixels, None, q, s))
-    record("omnicore mamba2-1.3b (cuda graph)", "mmu 733+64 -> 128", batch, sec, batch * 128, "tokens/s", peak)
+    record(name, "mmu 733+64 -> 128", batch, sec, batch * 128, "tokens/s", peak)
 
 
 def bench_llama_mmu(batch: int) -> None:
@@ -118,57 +127,76 @@ def bench_llama_mmu(batch: int) -> None:
     torch.cuda.empty_cache()
 
 
-def bench_long(lengths, batch: int) -> None:
-    model = omni_model(mmu_positions=max(lengths) + 1024)
+def once(fn) -> tuple[float, float]:
+    """Wall time and peak GiB of one run (for long jobs, after a separate short warm-up)."""
+    torch.cuda.reset_peak_memory_stats()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t, torch.cuda.max_memory_allocated() / 2**30
+
+
+def bench_long(lengths, batch: int, variant: str, llama_lengths) -> None:
+    model = omni_model(mmu_positions=max(lengths) + 1024, compile_decode=VARIANTS[variant])
+    q = [list(range(100, 116))] * batch
+    generate_text(model, None, None, q, Sampling(greedy=True, max_new_tokens=64, ignore_eos=True))  # compile
     for n in lengths:
+        clear_decode_cache(model)  # each length on its own: no kept session of another length in the peak
+        gc.collect()
+        torch.cuda.empty_cache()
         s = Sampling(greedy=True, max_new_tokens=n, ignore_eos=True)
-        q = [list(range(100, 116))] * batch
-        sec, peak = timed(lambda: generate_text(model, None, None, q, s), 1)
-        record("omnicore mamba2-1.3b (cuda graph)", f"long text 16+{n}", batch, sec, batch * n, "tokens/s", peak)
+        sec, peak = once(lambda: generate_text(model, None, None, q, s))
+        record(label(variant), f"long text 16+{n}", batch, sec, batch * n, "tokens/s", peak)
     del model
     gc.collect()
     torch.cuda.empty_cache()
+    if not llama_lengths:
+        return
     m = llama(50304)
-    for n in lengths:
+    for n in llama_lengths:
         ids = torch.randint(0, 50304, (batch, 16), device="cuda")
         kw = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
-        sec, peak = timed(lambda: m.generate(ids, attention_mask=torch.ones_like(ids), **kw), 1)
+        sec, peak = once(lambda: m.generate(ids, attention_mask=torch.ones_like(ids), **kw))
         record("llama-1.3b eager", f"long text 16+{n}", batch, sec, batch * n, "tokens/s", peak)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer repeats and sizes")
-    ap.add_argument("--jobs", default="t2i,mmu,long", help="comma-separated: t2i, mmu, long")
+    ap.add_argument("--jobs", default="t2i,mmu,long,llama", help="comma-separated: t2i, mmu, long, llama")
+    ap.add_argument("--variants", default="graph,compiled", help="omnicore decode variants: graph, compiled")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     jobs = set(args.jobs.split(","))
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
     print(f"{'model':34s} {'job':28s} {'batch':>4s} {'time':>10s} {'rate':>10s} {'unit':9s} {'peak':>11s}")
     batches = [1, 16, 64]
-    if "t2i" in jobs or "mmu" in jobs:
-        model = omni_model()
+    variants = args.variants.split(",")
+    for variant in variants if "t2i" in jobs or "mmu" in jobs else []:
+        model = omni_model(compile_decode=VARIANTS[variant])
         if "t2i" in jobs:
-            bench_t2i(model, batches, args.quick)
+            bench_t2i(model, batches, args.quick, label(variant))
         if "mmu" in jobs:
-            bench_mmu(model, 1)
+            bench_mmu(model, 1, label(variant))
         del model
         gc.collect()
         torch.cuda.empty_cache()
-    if "t2i" in jobs:
-        bench_llama_t2i(batches, args.quick)
-    if "mmu" in jobs:
-        bench_llama_mmu(1)
     if "long" in jobs:
-        bench_long([1024, 4096, 16384] if not args.quick else [1024, 4096], 8)
+        bench_long([1024, 4096, 16384] if not args.quick else [1024, 4096], 8, variants[-1],
+                   [1024] if "llama" in jobs else [])  # eager Llama at 4K+ takes minutes
+    if "llama" in jobs and "t2i" in jobs:
+        bench_llama_t2i(batches, args.quick)
+    if "llama" in jobs and "mmu" in jobs:
+        bench_llama_mmu(1)
     # ratios against the baselines measured in this run
     def rate(model, job, batch):
         return next((r["rate"] for r in ROWS if r["model"] == model and r["job"] == job and r["batch"] == batch), None)
 
     print("\nratios (same run):")
     for b in batches:
-        ours = rate("omnicore mamba2-1.3b (cuda graph)", "t2i 72+256 cfg=1", b)
-        guided = rate("omnicore mamba2-1.3b (cuda graph)", "t2i 72+256 cfg=3", b)
+        ours = rate(label(variants[-1]), "t2i 72+256 cfg=1", b)
+        guided = rate(label(variants[-1]), "t2i 72+256 cfg=3", b)
         comp = rate("llama-1.3b static+compile", "t2i 72+256", b)
         eager = rate("llama-1.3b eager", "t2i 72+256", b)
         if ours:

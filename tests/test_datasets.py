@@ -68,9 +68,12 @@ def test_sample_formats():
     m3 = SyntheticShapes("mmu", 5, questions_per_sample=3, image_size=48)
     s = m3[2]
     assert s["image"].size == (48, 48)
-    assert s["turns"] == [{"question": "What color is the shape?", "answer": s["meta"]["color"]},
-                          {"question": "What shape is it?", "answer": s["meta"]["shape"]},
-                          {"question": "Is the shape on the left or the right?", "answer": s["meta"]["position"]}]
+    expected = [{"question": "What color is the shape?", "answer": s["meta"]["color"]},
+                {"question": "What shape is it?", "answer": s["meta"]["shape"]},
+                {"question": "Is the shape on the left or the right?", "answer": s["meta"]["position"]}]
+    assert sorted(s["turns"], key=str) == sorted(expected, key=str)
+    # the order varies between samples, so the turn number says nothing about the answer
+    assert len({m3[i]["turns"][0]["question"] for i in range(5)}) > 1
     with pytest.raises(IndexError):
         m3[5]
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from omnicore.generation.sampling import Sampling, apply_repetition_penalty, filter_logits, next_token
+from omnicore.generation.sampling import (Sampling, apply_repetition_penalty, filter_logits, mark_seen, next_token,
+                                         pick_token)
 
 
 def test_greedy_is_argmax_and_ignores_seed():
@@ -48,8 +49,28 @@ def test_min_p_drops_tokens_below_fraction_of_best():
 
 def test_repetition_penalty_lowers_seen_tokens():
     logits = torch.tensor([[2.0, -1.0, 0.5]])
-    out = apply_repetition_penalty(logits, torch.tensor([[0, 1]]), 2.0)
+    seen = torch.zeros(1, 3, dtype=torch.bool)
+    mark_seen(seen, torch.tensor([0]))
+    mark_seen(seen, torch.tensor([1]))
+    mark_seen(seen, torch.tensor([0]))  # a repeat is penalised once, as CTRL does
+    out = apply_repetition_penalty(logits, seen, 2.0)
     assert out.tolist() == [[1.0, -2.0, 0.5]]
+
+
+def test_sampling_follows_the_softmax_of_the_kept_tokens():
+    # the Gumbel-max draw must match softmax(logits / T) restricted to the top-k: a wrong temperature, a missing
+    # renormalisation or a biased noise transform shows up as frequencies off by far more than 0.01
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 5.0]])
+    s = Sampling(temperature=2.0, top_k=4)
+    g = torch.Generator().manual_seed(0)
+    n = 40000
+    draws = pick_token(logits.expand(n, 5), s, torch.rand(n, 5, generator=g))
+    freq = torch.bincount(draws, minlength=5).float() / n
+    expected = torch.zeros(5)
+    keep = torch.tensor([0, 1, 2, 4])
+    expected[keep] = (logits[0, keep] / 2.0).softmax(-1)
+    assert freq[3] == 0
+    assert torch.allclose(freq, expected, atol=0.01), (freq, expected)
 
 
 def test_seeded_sampling_repeats():

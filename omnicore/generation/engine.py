@@ -3,7 +3,8 @@
 MMU: prompts of different lengths are left padded with a mask, so padding leaves the state untouched and a
 batch gives the same tokens as one-by-one generation. T2I: conditional and unconditional (dropped caption)
 streams share one batch for classifier-free guidance; only image codes are sampled, exactly h*w of them.
-On CUDA the one-token step is captured as a CUDA graph per batch size (``cuda_graph=True``, the default there).
+On CUDA a whole step (sampling, feeding the token, the backbone step and the head) is captured as one CUDA
+graph per call (``cuda_graph=True``, the default there); the host only refills the noise buffer and replays it.
 """
 
 from __future__ import annotations
@@ -12,13 +13,87 @@ from typing import Callable, Iterator
 
 import torch
 
-from .graphs import StepRunner
-from .sampling import Sampling, next_token
+from .graphs import GraphedStep
+from .sampling import Sampling, mark_seen, pick_token
 
 
 def _state(model, batch: int, max_len: int):
     dtype = next(model.backbone.parameters()).dtype
     return model.backbone.allocate_inference_state(batch, max_len, dtype=dtype, device=model.device)
+
+
+class _Session:
+    """Everything one decoding step touches, allocated once: the inference state, the current logits, the
+    sampling noise, per-row bookkeeping and a step counter. On CUDA the step is captured once per session and the
+    session is kept (per model, by shape and sampling rule) so later calls with the same shapes only replay it."""
+
+    def __init__(self, model, rows: int, batch: int, vocab: int, max_len: int, s: Sampling, n_out: int) -> None:
+        dev = model.device
+        self.state = _state(model, rows, max_len)
+        self.logits = torch.zeros(rows, vocab, device=dev)
+        self.noise = None if s.is_greedy else torch.zeros(batch, vocab, device=dev)
+        self.seen = torch.zeros(batch, vocab, dtype=torch.bool, device=dev) if s.repetition_penalty != 1.0 else None
+        self.t = torch.zeros(1, dtype=torch.long, device=dev)  # tokens sampled so far
+        self.token = torch.zeros(batch, dtype=torch.long, device=dev)
+        self.finished = torch.zeros(batch, dtype=torch.bool, device=dev)
+        self.offsets = torch.zeros(rows, dtype=torch.long, device=dev)  # position of the first decoded token
+        self.out = torch.zeros(batch, n_out, dtype=torch.long, device=dev)  # T2I: the codes sampled so far
+        self.runner: GraphedStep | None = None
+        self.generator: torch.Generator | None = None
+
+    def buffers(self) -> list[torch.Tensor]:
+        extra = [self.seen] if self.seen is not None else []
+        return [*self.state.tensors(), self.logits, self.t, self.token, self.finished, self.offsets, self.out,
+                *extra]
+
+    def start(self, s: Sampling) -> None:
+        """A new call: empty state and counters (in place, so a captured graph stays valid)."""
+        for b in self.buffers():
+            b.zero_()
+        self.generator = s.generator(self.logits.device)
+
+    def refill_noise(self) -> None:
+        if self.noise is not None:
+            self.noise.uniform_(generator=self.generator)
+
+
+_MAX_SESSIONS = 2  # per model: the state of a big batch is large, so keep only the latest few
+
+
+def _session(model, kind: str, rows: int, batch: int, vocab: int, max_len: int, s: Sampling, graph: bool,
+             n_out: int = 0, extra: tuple = ()) -> _Session:
+    """A session for these shapes and sampling rules: a kept one (already captured) or a new one."""
+    if not graph:
+        return _Session(model, rows, batch, vocab, max_len, s, n_out)
+    p = next(model.parameters())
+    rule = (s.is_greedy, s.temperature, s.top_k, s.top_p, s.min_p, s.repetition_penalty, s.ignore_eos)
+    key = (kind, rows, batch, vocab, max_len, n_out, rule, extra, p.device, p.dtype, p.data_ptr())
+    cache: dict = model.__dict__.setdefault("_decode_sessions", {})
+    if key in cache:
+        cache[key] = cache.pop(key)  # most recently used last
+        return cache[key]
+    while len(cache) >= _MAX_SESSIONS:
+        cache.pop(next(iter(cache)))
+    cache[key] = _Session(model, rows, batch, vocab, max_len, s, n_out)
+    return cache[key]
+
+
+def clear_decode_cache(model) -> None:
+    """Drop the kept decoding sessions (their inference states and CUDA graphs) of ``model``."""
+    model.__dict__.pop("_decode_sessions", None)
+
+
+def _use_graph(cuda_graph: bool | None, device: torch.device) -> bool:
+    return device.type == "cuda" if cuda_graph is None else bool(cuda_graph) and device.type == "cuda"
+
+
+def _round_up(n: int, multiple: int = 256) -> int:
+    return (n + multiple - 1) // multiple * multiple
+
+
+def _vocab(model, head: str) -> int:
+    p = next(model.heads[head].parameters())
+    return model.heads[head].logits(p.new_zeros(1, model.d_model)).shape[-1]
 
 
 @torch.inference_mode()
@@ -33,32 +108,42 @@ def generate_codes(model, captions: list[str | None], guidance_scale: float = 1.
     if guided:
         prefixes += [model.layout.t2i_prefix(None)] * B
     prefix = torch.tensor(prefixes, device=dev)
-    Lp = prefix.shape[1]
-    rows = prefix.shape[0]
-    state = _state(model, rows, Lp + N)
+    Lp, rows = prefix.shape[1], prefix.shape[0]
+    graph = _use_graph(cuda_graph, dev)
+    ses = _session(model, "t2i", rows, B, _vocab(model, "image"), _round_up(Lp + N), s, graph, n_out=N,
+                   extra=(float(guidance_scale),))
+    ses.start(s)
     x = model.add_positions(model.t2i_prefix_embeddings(prefix), "t2i_positions")
-    h = model.backbone(x, task="t2i", state=state)
-    logits = model.heads["image"].logits(h[:, -1]).float()
+    h = model.backbone(x, task="t2i", state=ses.state)
+    ses.logits.copy_(model.heads["image"].logits(h[:, -1]))
+    ses.offsets.fill_(Lp)
 
-    def step(codes: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        e = model.code_embeddings(codes[:, None])
-        e = model.add_positions(e, "t2i_positions", position.expand(codes.shape[0], 1))
-        out = model.backbone(e, task="t2i", state=state)
-        return model.heads["image"].logits(out[:, -1]).float()
+    def sample() -> torch.Tensor:
+        logits = ses.logits
+        mixed = logits[B:] + guidance_scale * (logits[:B] - logits[B:]) if guided else logits
+        code = pick_token(mixed, s, ses.noise, ses.seen)
+        ses.out.index_copy_(1, ses.t, code[:, None])
+        mark_seen(ses.seen, code)
+        return code
 
-    runner = StepRunner(step, state, use_graph=cuda_graph, device=dev)
-    generator = s.generator(dev)
-    out = torch.empty(B, N, dtype=torch.long, device=dev)
-    for t in range(N):
-        if guided:
-            cond, uncond = logits[:B], logits[B:]
-            logits = uncond + guidance_scale * (cond - uncond)
-        code = next_token(logits, s, generator, out[:, :t] if s.repetition_penalty != 1.0 else None)
-        out[:, t] = code
-        if t + 1 < N:
-            feed = torch.cat([code, code]) if guided else code
-            logits = runner(feed, torch.tensor([Lp + t], device=dev))
-    return out
+    def step() -> None:
+        code = sample()
+        feed = torch.cat([code, code]) if guided else code
+        e = model.add_positions(model.code_embeddings(feed[:, None]), "t2i_positions",
+                                (ses.offsets + ses.t)[:, None])
+        out_h = model.backbone(e, task="t2i", state=ses.state)
+        ses.logits.copy_(model.heads["image"].logits(out_h[:, -1]))
+        ses.t.add_(1)
+
+    if ses.runner is None:
+        ses.runner = GraphedStep(step, ses.buffers(), use_graph=graph, device=dev)
+    for i in range(N):
+        ses.refill_noise()
+        if i + 1 < N:
+            ses.runner()
+        else:
+            sample()
+    return ses.out.clone()
 
 
 @torch.inference_mode()
@@ -79,32 +164,42 @@ def stream_text(model, pixels: torch.Tensor | None, has_image: torch.Tensor | No
         mask[i, L - r.shape[0]:] = True
     positions = (mask.long().cumsum(1) - 1).clamp(min=0)
     x = model.add_positions(x, "mmu_positions", positions)
-    state = _state(model, B, L + s.max_new_tokens)
-    h = model.backbone(x, task="mmu", state=state, mask=mask)
-    logits = model.heads["text"].logits(h[:, -1]).float()
-
-    def step(tokens: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        e = model.text_embed(tokens[:, None])
-        e = model.add_positions(e, "mmu_positions", position[:, None])
-        out = model.backbone(e, task="mmu", state=state)
-        return model.heads["text"].logits(out[:, -1]).float()
-
-    runner = StepRunner(step, state, use_graph=cuda_graph, device=dev)
+    graph = _use_graph(cuda_graph, dev)
+    ses = _session(model, "mmu", B, B, _vocab(model, "text"), _round_up(L + s.max_new_tokens), s, graph)
+    ses.start(s)
+    h = model.backbone(x, task="mmu", state=ses.state, mask=mask)
+    ses.logits.copy_(model.heads["text"].logits(h[:, -1]))
+    ses.offsets.copy_(lengths)
     stops = torch.tensor(sorted({model.layout.sid("<|eot|>"), model.text_tokenizer.eos_id}), device=dev)
     pad = model.text_tokenizer.pad_id
-    finished = torch.zeros(B, dtype=torch.bool, device=dev)
-    generated = torch.empty(B, 0, dtype=torch.long, device=dev)
-    generator = s.generator(dev)
-    for t in range(s.max_new_tokens):
-        token = next_token(logits, s, generator, generated if s.repetition_penalty != 1.0 else None)
-        token = torch.where(finished, torch.full_like(token, pad), token)
+
+    def sample() -> None:
+        new = pick_token(ses.logits, s, ses.noise, ses.seen)
+        new = torch.where(ses.finished, torch.full_like(new, pad), new)
+        mark_seen(ses.seen, new)
         if not s.ignore_eos:
-            finished |= torch.isin(token, stops)
-        generated = torch.cat([generated, token[:, None]], dim=1)
-        yield token
-        if bool(finished.all()) or t + 1 == s.max_new_tokens:
+            ses.finished.logical_or_(torch.isin(new, stops))
+        ses.token.copy_(new)
+
+    def step() -> None:
+        sample()
+        e = model.add_positions(model.text_embed(ses.token[:, None]), "mmu_positions", (ses.offsets + ses.t)[:, None])
+        out_h = model.backbone(e, task="mmu", state=ses.state)
+        ses.logits.copy_(model.heads["text"].logits(out_h[:, -1]))
+        ses.t.add_(1)
+
+    if ses.runner is None:
+        ses.runner = GraphedStep(step, ses.buffers(), use_graph=graph, device=dev)
+    for i in range(s.max_new_tokens):
+        ses.refill_noise()
+        last = i + 1 == s.max_new_tokens
+        if last:
+            sample()
+        else:
+            ses.runner()  # samples this token and computes the next logits in one go
+        yield ses.token.clone()
+        if last or bool(ses.finished.all()):
             break
-        logits = runner(token, lengths + t)
 
 
 def generate_text(model, pixels, has_image, questions: list[list[int]], sampling: Sampling | None = None,

@@ -1,47 +1,46 @@
-"""CUDA-graph capture of the one-token decode step, per batch size; plain eager calls elsewhere.
+"""CUDA-graph capture of a whole decoding step (sample, feed, backbone step, head); eager calls elsewhere.
 
-The step must read its inputs only from the tensors it is given and update the inference state in place
-(static shapes), which the backbone's state guarantees. Inputs are copied into static buffers and the
-captured graph is replayed.
+The step takes no arguments: it reads and writes only tensors allocated before capture (the inference state,
+the logits and noise buffers, a step counter), so replaying the graph is the same as calling it. Warm-up calls
+(which also trigger any compilation and Triton autotuning) run before capture, and everything they advanced
+is put back afterwards, so capture leaves no trace in the results.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
 
-class StepRunner:
-    def __init__(self, step: Callable[..., torch.Tensor], state, use_graph: bool | None, device: torch.device) -> None:
+class GraphedStep:
+    def __init__(self, step: Callable[[], None], mutable: Sequence[torch.Tensor], use_graph: bool | None,
+                 device: torch.device) -> None:
+        """``mutable``: every tensor the step writes (restored after the warm-up calls)."""
         self.step = step
-        self.state = state
+        self.mutable = list(mutable)
         self.use_graph = (device.type == "cuda") if use_graph is None else (use_graph and device.type == "cuda")
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.static_in: list[torch.Tensor] = []
-        self.static_out: torch.Tensor | None = None
 
-    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+    def __call__(self) -> None:
         if not self.use_graph:
-            return self.step(*inputs)
+            self.step()
+            return
         if self.graph is None:
-            self._capture(inputs)
-        for buf, value in zip(self.static_in, inputs):
-            buf.copy_(value)
+            self._capture()
         self.graph.replay()
-        return self.static_out
 
-    def _capture(self, inputs: tuple[torch.Tensor, ...]) -> None:
-        self.static_in = [t.clone() for t in inputs]
-        snapshot = self.state.snapshot() if hasattr(self.state, "snapshot") else None
+    def _capture(self) -> None:
+        snapshot = [t.clone() for t in self.mutable]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm-up outside the graph (allocator, Triton autotuning)
+        with torch.cuda.stream(stream):  # warm-up outside the graph (allocator, compilation, autotuning)
             for _ in range(2):
-                self.step(*self.static_in)
+                self.step()
         torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.static_out = self.step(*self.static_in)
-        if snapshot is not None:  # warm-up and capture advanced the state: put it back
-            self.state.restore(snapshot)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.step()
+        for t, s in zip(self.mutable, snapshot):
+            t.copy_(s)
+        self.graph = graph

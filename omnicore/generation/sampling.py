@@ -38,13 +38,21 @@ class Sampling:
         return torch.Generator(device=device).manual_seed(self.seed)
 
 
-def apply_repetition_penalty(logits: torch.Tensor, previous: torch.Tensor | None, penalty: float) -> torch.Tensor:
-    """CTRL-style: divide positive logits of already generated tokens by ``penalty``, multiply negative ones."""
-    if previous is None or penalty == 1.0 or previous.numel() == 0:
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor | None, penalty: float) -> torch.Tensor:
+    """CTRL-style: divide positive logits of already generated tokens by ``penalty``, multiply negative ones.
+
+    ``seen`` is a (B, V) bool mask of the tokens generated so far (a fixed-shape buffer, so the decode step can
+    be captured in a CUDA graph); see ``mark_seen``.
+    """
+    if seen is None or penalty == 1.0:
         return logits
-    picked = logits.gather(1, previous)
-    picked = torch.where(picked > 0, picked / penalty, picked * penalty)
-    return logits.scatter(1, previous, picked)
+    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+
+
+def mark_seen(seen: torch.Tensor | None, tokens: torch.Tensor) -> None:
+    """Record ``tokens`` (B,) in the (B, V) mask, in place."""
+    if seen is not None:
+        seen.scatter_(1, tokens[:, None], True)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None,
@@ -67,12 +75,26 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
     return logits
 
 
-def next_token(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None = None,
-               previous: torch.Tensor | None = None) -> torch.Tensor:
-    """``(B, V)`` logits -> ``(B,)`` token ids."""
-    logits = apply_repetition_penalty(logits.float(), previous, s.repetition_penalty)
+def pick_token(logits: torch.Tensor, s: Sampling, noise: torch.Tensor | None = None,
+               seen: torch.Tensor | None = None) -> torch.Tensor:
+    """``(B, V)`` logits -> ``(B,)`` token ids, given uniform ``noise`` in [0, 1) of the same shape.
+
+    Sampling is the Gumbel-max trick: argmax(logits / T + Gumbel(noise)) is a draw from softmax(logits / T),
+    restricted to what the filters keep. It needs no host synchronisation and reads its randomness from a
+    buffer, so the whole step (sampling included) can be replayed as one CUDA graph.
+    """
+    logits = apply_repetition_penalty(logits.float(), seen, s.repetition_penalty)
     if s.is_greedy:
         return logits.argmax(-1)
     logits = filter_logits(logits / s.temperature, s.top_k, s.top_p, s.min_p)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    gumbel = -torch.log(-torch.log(noise.clamp(min=1e-20)))
+    return (logits + gumbel).argmax(-1)
+
+
+def next_token(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None = None,
+               seen: torch.Tensor | None = None) -> torch.Tensor:
+    """``(B, V)`` logits -> ``(B,)`` token ids, drawing the noise from ``generator`` (or the global one)."""
+    noise = None
+    if not s.is_greedy:
+        noise = torch.rand(logits.shape, generator=generator, device=logits.device)
+    return pick_token(logits, s, noise, seen)

@@ -23,8 +23,11 @@ def build_mamba2(size: Optional[Literal["tiny", "130m", "370m", "780m", "1.3b", 
                  chunk_size: Optional[int] = None, d_intermediate: int = 0, attn_layer_idx: list[int] = [],
                  attn_cfg: dict[str, Any] = {}, rms_norm: bool = True, residual_in_fp32: bool = True,
                  norm_epsilon: float = 1e-5, kernel: Literal["auto", "torch", "mamba_ssm"] = "auto",
-                 lora: Optional[dict[str, Any]] = None, device: Optional[str] = None, dtype: Optional[str] = None):
-    """Mamba-2 backbone (mamba_ssm layout, PyTorch or Triton kernels, task LoRA, optional attention layers)."""
+                 compile_decode: Optional[bool] = None, lora: Optional[dict[str, Any]] = None, device: Optional[str] = None, dtype: Optional[str] = None):
+    """Mamba-2 backbone (mamba_ssm layout, PyTorch or Triton kernels, task LoRA, optional attention layers).
+
+    ``compile_decode``: compile the one-token decode step with torch.compile (None: on CUDA unless the environment
+    sets OMNICORE_COMPILE=0; the first generation then waits for compilation)."""
     import torch
 
     from .mamba2 import Mamba2Backbone
@@ -42,7 +45,7 @@ def build_mamba2(size: Optional[Literal["tiny", "130m", "370m", "780m", "1.3b", 
     model = Mamba2Backbone(cfg["d_model"], cfg["n_layer"], ssm_cfg=ssm_cfg, d_intermediate=d_intermediate,
                            attn_layer_idx=list(attn_layer_idx), attn_cfg=dict(attn_cfg), rms_norm=rms_norm,
                            residual_in_fp32=residual_in_fp32, norm_epsilon=norm_epsilon, kernel=kernel,
-                           device=device, dtype=torch_dtype)
+                           compile_decode=compile_decode, device=device, dtype=torch_dtype)
     if lora:
         unknown = set(lora) - {"tasks", "r", "alpha", "dropout", "target_modules"}
         if unknown:

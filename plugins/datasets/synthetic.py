@@ -148,8 +148,8 @@ class SyntheticShapes(Dataset):
             return {"task": "t2i", "caption": caption_for(color, shape, position), "image": image, "codes": None,
                     "meta": meta}
         answers = {"color": color, "shape": shape, "position": position}
-        keys = list(QUESTIONS) if self.questions_per_sample == 3 else rng.sample(list(QUESTIONS),
-                                                                                  self.questions_per_sample)
+        # random order, also for all three: a fixed order would let a model answer by turn number
+        keys = rng.sample(list(QUESTIONS), self.questions_per_sample)
         turns = [{"question": QUESTIONS[k], "answer": answers[k]} for k in keys]
         return {"task": "mmu", "image": image, "turns": turns, "meta": meta}
 

@@ -15,7 +15,7 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from . import lora
+from . import compiled_step, lora
 from .attention import MHA, AttnContext
 from .block import Block, GatedMLP, make_norm
 from .mixer import Mamba2
@@ -33,7 +33,7 @@ class Mamba2Backbone(nn.Module):
     def __init__(self, d_model: int, n_layer: int, ssm_cfg: dict | None = None, d_intermediate: int = 0,
                  attn_layer_idx: list[int] | None = None, attn_cfg: dict | None = None, rms_norm: bool = True,
                  residual_in_fp32: bool = True, norm_epsilon: float = 1e-5, kernel: str = "auto",
-                 device=None, dtype=None) -> None:
+                 compile_decode: bool | None = None, device=None, dtype=None) -> None:
         super().__init__()
         fk = {"device": device, "dtype": dtype}
         self.d_model, self.n_layer = d_model, n_layer
@@ -41,6 +41,7 @@ class Mamba2Backbone(nn.Module):
         if any(not 0 <= i < n_layer for i in self.attn_layer_idx):
             raise ValueError(f"attn_layer_idx {self.attn_layer_idx} out of range for n_layer={n_layer}")
         self.gradient_checkpointing = False
+        self.compile_decode = compile_decode  # None: compiled one-token steps on CUDA (compiled_step.py)
         self.merged_task: str | None = None
         layers = []
         for i in range(n_layer):
@@ -90,10 +91,15 @@ class Mamba2Backbone(nn.Module):
         if self.attn_layer_idx:
             ctx = AttnContext.build(b, l, inputs_embeds.device, mask, state, step=state is not None and l == 1)
         checkpoint = self.gradient_checkpointing and self.training and state is None and torch.is_grad_enabled()
+        compiled = (state is not None and l == 1 and mask is None and not torch.is_grad_enabled()
+                    and compiled_step.wanted(self.compile_decode, inputs_embeds))
         h, residual = inputs_embeds, None
         for i, block in enumerate(self.layers):
             cache = state.layers[i] if state is not None else None
-            if checkpoint:
+            if compiled and not isinstance(block.mixer, MHA):
+                lora.activate(block.lora_layers, task)
+                h, residual = compiled_step.block_step(block, h, residual, cache)
+            elif checkpoint:
                 h, residual = torch.utils.checkpoint.checkpoint(_run_block, block, task, h, residual, cache, mask,
                                                                 ctx, use_reentrant=False)
             else:

@@ -19,6 +19,8 @@ import types
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
+import torch
+
 KernelName = Literal["auto", "torch", "mamba_ssm"]
 KERNELS = ("auto", "torch", "mamba_ssm")
 
@@ -133,3 +135,21 @@ def use_fast(kernel: str, tensor) -> bool:
         fast_ops()
         return True
     return mamba_ssm_available()  # auto
+
+
+# mamba_ssm's fused state update as a torch custom op: opaque to torch.compile (which would otherwise trace into the
+# Triton launcher), so a compiled decode step keeps this one-pass kernel and fuses the element-wise work around it.
+@torch.library.custom_op("omnicore::mamba2_state_update", mutates_args=("state",))
+def state_update(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                 C: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
+    """state (b, h, p, n) updated in place; x (b, h, p), dt (b, h), A (h,), B/C (b, g, n), D (h,) or (h, p)."""
+    b, h, p = x.shape
+    n = state.shape[-1]
+    return fast_ops().state_update(state, x, dt[..., None].expand(b, h, p), A[:, None, None].expand(h, p, n), B, C,
+                                   D=D if D.dim() == 2 else D[:, None].expand(h, p), z=None,
+                                   dt_bias=dt.new_zeros(()).expand(h, p), dt_softplus=False)
+
+
+@state_update.register_fake
+def _(state, x, dt, A, B, C, D):
+    return torch.empty_like(x)

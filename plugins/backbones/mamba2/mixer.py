@@ -88,11 +88,13 @@ class Mamba2(nn.Module):
         return MambaCache(conv, ssm)
 
     # ---- forward ------------------------------------------------------------------------------------
-    def forward(self, u: torch.Tensor, cache: MambaCache | None = None, mask: torch.Tensor | None = None
-                ) -> torch.Tensor:
-        """u (B, L, d_model) -> (B, L, d_model). mask (B, L) bool: False positions leave the cache untouched."""
+    def forward(self, u: torch.Tensor, cache: MambaCache | None = None, mask: torch.Tensor | None = None,
+                use_kernels: bool | None = None) -> torch.Tensor:
+        """u (B, L, d_model) -> (B, L, d_model). mask (B, L) bool: False positions leave the cache untouched.
+        ``use_kernels`` (one-token steps): None decides by ``kernel`` and the tensor; True/False as decided by
+        the caller (the compiled step decides outside the compiled region)."""
         if cache is not None and u.shape[1] == 1:
-            return self.step(u, cache, None if mask is None else mask[:, 0])
+            return self.step(u, cache, None if mask is None else mask[:, 0], use_kernels)
         b, l, _ = u.shape
         fast = kernels.use_fast(self.kernel, u)
         z, xBC, dt = self._split(self.in_proj(u))
@@ -136,9 +138,10 @@ class Mamba2(nn.Module):
             out = F.conv1d(full[..., 1:], w, self.conv1d.bias, groups=self.conv_dim)
         return F.silu(out).transpose(1, 2)
 
-    def step(self, u: torch.Tensor, cache: MambaCache, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def step(self, u: torch.Tensor, cache: MambaCache, mask: torch.Tensor | None = None,
+             use_kernels: bool | None = None) -> torch.Tensor:
         """One token: u (B, 1, d_model); conv and SSM states updated in place. mask (B,): False = skip."""
-        fast = kernels.use_fast(self.kernel, u)
+        fast = kernels.use_fast(self.kernel, u) if use_kernels is None else use_kernels
         ops = kernels.fast_ops() if fast else None
         z, xBC, dt = self._split(self.in_proj(u[:, 0]))
         dt = self._dt(dt)
@@ -165,11 +168,7 @@ class Mamba2(nn.Module):
         A = -torch.exp(_up(self.A_log))
         D = self.D.reshape(self.nheads, self.headdim) if self.D_has_hdim else self.D
         if ops is not None:
-            p, n = self.headdim, self.d_state
-            y = ops.state_update(cache.ssm_state, x, dt[..., None].expand(b, self.nheads, p),
-                                 A[:, None, None].expand(self.nheads, p, n), B, C,
-                                 D=D if D.dim() == 2 else D[:, None].expand(self.nheads, p), z=None,
-                                 dt_bias=dt.new_zeros(()).expand(self.nheads, p), dt_softplus=False)
+            y = kernels.state_update(cache.ssm_state, x, dt, A, B, C, D)
         else:
             y = ssd_step(cache.ssm_state, x, dt, A, B, C, D)
         return self._out(y.reshape(b, 1, self.d_inner), z[:, None])

@@ -84,7 +84,9 @@ def ssd_step(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Te
     dA = torch.exp(dt * A.to(ct))  # (b, h)
     new = state.to(ct) * dA[..., None, None] + (dt[..., None] * x.to(ct))[..., None] * Bh[:, :, None, :]
     state.copy_(new.detach())
-    y = torch.einsum("bhpn,bhn->bhp", new, Ch)
+    # a broadcast product and sum, not einsum: einsum becomes a batched matmul that re-reads ``new`` from memory,
+    # while Inductor fuses this reduction with the update above into one pass over the state
+    y = (new * Ch[:, :, None, :]).sum(-1)
     if D is not None:
         y = y + x.to(ct) * D.to(ct).reshape(h, -1)
     return y.to(x.dtype)

@@ -1,0 +1,57 @@
+"""The one-token decode step of a Mamba-2 block, compiled with torch.compile (CUDA only).
+
+Eager decoding launches about 35 small kernels per layer (norms, dt, conv shift, gating, LoRA, casts), so at
+the 1.3B shape a step is bound by launches, not by the 2.6 GB of weights it reads. Compiled, each block fuses
+into a handful of kernels around its matrix products. One compiled function serves every layer: since torch
+2.5 a module's parameters are graph inputs (``inline_inbuilt_nn_modules``), so identical blocks share the code.
+The step must run before CUDA-graph capture (the decode engine's warm-up does that), as compilation cannot
+happen inside a capture.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+from . import kernels
+from .state import MambaCache
+
+_compiled = None
+_failed: str | None = None
+
+
+def _block_step(block, h: torch.Tensor, residual: torch.Tensor | None, conv_state: torch.Tensor,
+                ssm_state: torch.Tensor, use_kernels: bool):
+    # with use_kernels, mamba_ssm's one-pass state update runs as an opaque custom op (kernels.state_update);
+    # without, Inductor fuses the PyTorch state update itself
+    return block(h, residual, MambaCache(conv_state, ssm_state), None, None, use_kernels=use_kernels)
+
+
+def wanted(setting: bool | None, x: torch.Tensor) -> bool:
+    """``setting`` None: on for CUDA tensors unless OMNICORE_COMPILE=0; True/False: as given (CUDA only)."""
+    if _failed is not None or x.device.type != "cuda":
+        return False
+    if setting is None:
+        return os.environ.get("OMNICORE_COMPILE", "1") != "0"
+    return bool(setting)
+
+
+def block_step(block, h: torch.Tensor, residual: torch.Tensor | None, cache: MambaCache):
+    """The compiled step; if compilation fails once, warn and fall back to eager for the rest of the process."""
+    global _compiled, _failed
+    if _compiled is None:
+        limit = getattr(torch._dynamo.config, "recompile_limit", None)
+        if limit is not None and limit < 32:  # dtype, batch size and task each add a specialisation
+            torch._dynamo.config.recompile_limit = 32
+        _compiled = torch.compile(_block_step, dynamic=False)
+    try:
+        use_kernels = kernels.use_fast(block.mixer.kernel, h)  # decided here: a constant for the compiler
+        return _compiled(block, h, residual, cache.conv_state, cache.ssm_state, use_kernels)
+    except Exception as exc:  # noqa: BLE001 - any compiler failure: keep generating, eagerly
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            raise
+        _failed = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        warnings.warn(f"mamba2: compiled decode step failed, decoding eagerly from now on ({_failed})", stacklevel=2)
+        return block(h, residual, cache)
