@@ -1,8 +1,8 @@
 """Where a decode step's time goes (GPU): the Mamba-2 1.3B backbone step and the sampler, per variant and batch.
 
-For each variant (eager kernels; compiled with mamba_ssm's state update; compiled with the PyTorch state
-update) and batch: the median time of a CUDA-graph replay of one backbone step, the bandwidth floor (weights
-plus reading and writing the SSM state once), and, with --profile, the heaviest kernels of one step.
+For each variant (eager kernels; compiled with a one-pass Triton state update, ours or mamba_ssm's; compiled
+with the PyTorch state update) and batch: the median time of a CUDA-graph replay of one backbone step, the
+bandwidth floor (weights plus reading and writing the SSM state once), and, with --profile, the heaviest kernels.
 Run: python benchmarks/profile_decode.py [--batches 1,64,128] [--profile]
 """
 
@@ -15,11 +15,13 @@ import torch
 from omnicore.generation.graphs import GraphedStep
 from omnicore.generation.sampling import Sampling, pick_token
 from omnicore.plugins.backbones import build_mamba2
+from omnicore.plugins.backbones.mamba2 import kernels
 
-VARIANTS = {  # name -> (kernel, compile_decode)
-    "eager+kernels": ("auto", False),
-    "compiled+kernel ssu": ("auto", True),
-    "compiled+torch ssu": ("torch", True),
+VARIANTS = {  # name -> (kernel, compile_decode, state update implementation)
+    "eager+kernels": ("auto", False, "triton"),
+    "compiled+triton ssu": ("auto", True, "triton"),
+    "compiled+mamba_ssm ssu": ("auto", True, "mamba_ssm"),
+    "compiled+torch ssu": ("torch", True, None),
 }
 
 
@@ -62,7 +64,8 @@ def main() -> None:
                          dtype="bfloat16").eval()
     rows = []
     for name in args.variants.split(","):
-        kernel, compiled = VARIANTS[name]
+        kernel, compiled, impl = VARIANTS[name]
+        kernels.STATE_UPDATE_IMPL = impl or kernels.STATE_UPDATE_IMPL
         for block in model.layers:
             block.mixer.kernel = kernel
         model.compile_decode = compiled

@@ -182,3 +182,27 @@ def test_lora_on_kernel_path():
     assert rel(outs["mamba_ssm"][1], outs["mamba_ssm"][2]) > 1e-2  # the adapters act on the kernel path
     for task, a, b in zip(("none", "mmu", "t2i"), outs["mamba_ssm"], outs["torch"]):
         report(f"lora task={task} (mamba_ssm vs torch)", rel(a, b), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("impl", ["triton", "mamba_ssm"])
+def test_state_update_kernels_match_the_pytorch_step(impl, dtype):
+    from omnicore.plugins.backbones.mamba2.ssd import ssd_step
+
+    torch.manual_seed(0)
+    old = kernels.STATE_UPDATE_IMPL
+    kernels.STATE_UPDATE_IMPL = impl
+    try:
+        for b, h, p, n, g, d_hdim in [(64, 64, 64, 128, 1, False), (3, 6, 24, 20, 2, True)]:
+            kw = dict(device="cuda", dtype=dtype)
+            state = torch.randn(b, h, p, n, **kw)
+            x, dt = torch.randn(b, h, p, **kw), torch.rand(b, h, device="cuda") * 0.1
+            A, B, C = -torch.rand(h, device="cuda") * 4, torch.randn(b, g, n, **kw), torch.randn(b, g, n, **kw)
+            D = torch.randn(h, p, **kw) if d_hdim else torch.randn(h, **kw)
+            ref_state = state.double()
+            ref_y = ssd_step(ref_state, x.double(), dt.double(), A.double(), B.double(), C.double(), D.double())
+            y = kernels.state_update(state, x, dt, A, B, C, D)
+            report(f"state update {impl} y {(b, h, p, n, g)}", rel(y, ref_y), dtype)
+            report(f"state update {impl} state {(b, h, p, n, g)}", rel(state, ref_state), dtype)
+    finally:
+        kernels.STATE_UPDATE_IMPL = old

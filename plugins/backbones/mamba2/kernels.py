@@ -137,12 +137,21 @@ def use_fast(kernel: str, tensor) -> bool:
     return mamba_ssm_available()  # auto
 
 
-# mamba_ssm's fused state update as a torch custom op: opaque to torch.compile (which would otherwise trace into the
-# Triton launcher), so a compiled decode step keeps this one-pass kernel and fuses the element-wise work around it.
+# Which one-pass decode state update the kernel path runs: "triton" (triton_step.py, wider tiles) or "mamba_ssm"
+# (its selective_state_update). benchmarks/profile_decode.py compares the two.
+STATE_UPDATE_IMPL = "triton"
+
+
+# The fused state update as a torch custom op: opaque to torch.compile (which would otherwise trace into the Triton
+# launcher), so a compiled decode step keeps the one-pass kernel and fuses the element-wise work around it.
 @torch.library.custom_op("omnicore::mamba2_state_update", mutates_args=("state",))
 def state_update(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                  C: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
     """state (b, h, p, n) updated in place; x (b, h, p), dt (b, h), A (h,), B/C (b, g, n), D (h,) or (h, p)."""
+    if STATE_UPDATE_IMPL == "triton":
+        from .triton_step import state_update as triton_state_update
+
+        return triton_state_update(state, x, dt, A, B, C, D)
     b, h, p = x.shape
     n = state.shape[-1]
     return fast_ops().state_update(state, x, dt[..., None].expand(b, h, p), A[:, None, None].expand(h, p, n), B, C,
