@@ -100,3 +100,22 @@ def test_cli_generate_and_ask(model, images, tmp_path):
     r = subprocess.run([sys.executable, "-m", "omnicore.cli", "ask", "--model", str(tmp_path / "m"),
                         str(tmp_path / "missing.png"), "What?"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "missing.png: image file not found" in r.stderr
+
+
+def test_decode_sessions_are_kept_per_shape_and_rule(model):
+    # on CUDA a session holds a captured graph; the bookkeeping is device independent, so check it here
+    from omnicore.generation import engine
+
+    engine.clear_decode_cache(model)
+    s = Sampling(temperature=1.0, top_k=8)
+    a = engine._session(model, "t2i", 2, 2, 128, 256, s, graph=True, n_out=16)
+    assert engine._session(model, "t2i", 2, 2, 128, 256, Sampling(temperature=1.0, top_k=8, seed=9), graph=True,
+                           n_out=16) is a  # the seed is not part of the graph
+    b = engine._session(model, "t2i", 2, 2, 128, 256, Sampling(temperature=1.0, top_k=4), graph=True, n_out=16)
+    assert b is not a  # top-k is baked into the captured step
+    engine._session(model, "mmu", 4, 4, 300, 256, s, graph=True)
+    assert len(model._decode_sessions) == engine._MAX_SESSIONS
+    assert engine._session(model, "t2i", 2, 2, 128, 256, s, graph=True, n_out=16) is not a  # evicted: oldest
+    assert engine._session(model, "t2i", 2, 2, 128, 256, s, graph=False, n_out=16) is not None
+    engine.clear_decode_cache(model)
+    assert not hasattr(model, "_decode_sessions")

@@ -44,10 +44,8 @@ QUESTIONS: dict[str, str] = {
 }
 
 
-def caption_for(color: str, shape: str, position: str, drop: str | None = None) -> str:
-    """``a {color} {shape} on the {position}``; ``drop`` ("color", "shape" or "position") leaves that one out."""
-    words = ["a"] + ([color] if drop != "color" else []) + [shape if drop != "shape" else "shape"]
-    return " ".join(words + ([f"on the {position}"] if drop != "position" else []))
+def caption_for(color: str, shape: str, position: str) -> str:
+    return f"a {color} {shape} on the {position}"
 
 
 def _as_rng(rng: random.Random | int | None) -> random.Random | None:
@@ -106,7 +104,7 @@ class SyntheticShapes(Dataset):
     """One coloured shape on white: MMU questions about it, or its caption for T2I."""
 
     def __init__(self, task: str, size: int, split: str = "train", image_size: int = 32, seed: int = 0,
-                 questions_per_sample: int = 1, partial_captions: float = 0.0) -> None:
+                 questions_per_sample: int = 1) -> None:
         if task not in ("mmu", "t2i"):
             raise ParamError(f"synthetic_shapes: task must be 'mmu' or 't2i', got {task!r}")
         if split not in SPLITS:
@@ -119,9 +117,6 @@ class SyntheticShapes(Dataset):
             raise ParamError(f"synthetic_shapes: questions_per_sample must be 1, 2 or 3, got {questions_per_sample!r}")
         self.task, self.split, self.size = task, split, int(size)
         self.image_size, self.seed, self.questions_per_sample = int(image_size), int(seed), int(questions_per_sample)
-        if not 0.0 <= float(partial_captions) <= 1.0:
-            raise ParamError(f"synthetic_shapes: partial_captions must be in [0, 1], got {partial_captions!r}")
-        self.partial_captions = float(partial_captions)
         self.combos = SPLITS[split]
 
     def __len__(self) -> int:
@@ -150,11 +145,8 @@ class SyntheticShapes(Dataset):
         image = render(color, shape, position, self.image_size, rng)
         meta = {"color": color, "shape": shape, "position": position, "split": self.split, "index": index}
         if self.task == "t2i":
-            # a caption that leaves one attribute out now and then: each word must then carry its own meaning,
-            # which is what drawing an unseen combination of words needs
-            drop = rng.choice(list(QUESTIONS)) if rng.random() < self.partial_captions else None
-            return {"task": "t2i", "caption": caption_for(color, shape, position, drop), "image": image,
-                    "codes": None, "meta": meta}
+            return {"task": "t2i", "caption": caption_for(color, shape, position), "image": image, "codes": None,
+                    "meta": meta}
         answers = {"color": color, "shape": shape, "position": position}
         # random order, also for all three: a fixed order would let a model answer by turn number
         keys = rng.sample(list(QUESTIONS), self.questions_per_sample)
@@ -169,10 +161,8 @@ class SyntheticShapes(Dataset):
 
 
 def build_synthetic_shapes(task: Literal["mmu", "t2i"], size: int, split: Literal["train", "heldout"] = "train",
-                           image_size: int = 32, seed: int = 0, questions_per_sample: Literal[1, 2, 3] = 1,
-                           partial_captions: float = 0.0) -> SyntheticShapes:
-    """Synthetic coloured shapes (MMU questions or T2I captions) with held-out attribute combinations.
-
-    ``partial_captions``: T2I, the fraction of captions that leave out one attribute (colour, shape or side)."""
+                           image_size: int = 32, seed: int = 0,
+                           questions_per_sample: Literal[1, 2, 3] = 1) -> SyntheticShapes:
+    """Synthetic coloured shapes (MMU questions or T2I captions) with held-out attribute combinations."""
     return SyntheticShapes(task=task, size=size, split=split, image_size=image_size, seed=seed,
-                           questions_per_sample=questions_per_sample, partial_captions=partial_captions)
+                           questions_per_sample=questions_per_sample)
