@@ -49,3 +49,16 @@ def test_hf_tokenizer_adds_specials_and_pads(tokenizer_json):
 def test_hf_tokenizer_missing_file(tmp_path):
     with pytest.raises(OmnicoreError, match="tokenizer.json not found"):
         omnicore.create("text_tokenizer", "hf_tokenizer", path=str(tmp_path / "nope" / "tokenizer.json"))
+
+
+def test_byte_tokenizer_word_list_gives_one_token_per_known_word():
+    tok = omnicore.create("text_tokenizer", "byte", words=["a", "red", "circle", "What", "shape", "is", "it", "?"])
+    plain = omnicore.create("text_tokenizer", "byte")
+    assert len(tok.encode("a red circle")) == 3 and len(plain.encode("a red circle")) == 12
+    assert len(tok.encode("What shape is it?")) == 5
+    for text in ["a red circle", "a  Red circlex, héllo?!", "", "What shape is it?\n"]:
+        assert tok.decode(tok.encode(text)) == text  # unknown pieces fall back to bytes: always exact
+    assert tok.vocab_size > plain.vocab_size
+    assert set(tok.encode("red")).isdisjoint(range(256)) and tok.decode(tok.encode("red")) == "red"
+    with pytest.raises(OmnicoreError, match="'two words' is not a single word"):
+        omnicore.create("text_tokenizer", "byte", words=["two words"])

@@ -31,11 +31,11 @@ def build_vqgan(preset: Literal["vq16", "tiny"] = "vq16", ch: Optional[int] = No
     return model
 
 
-def build_byte(pad_to_multiple_of: int = 8):
-    """Byte-level text tokenizer needing no files, with OmniMamba's special tokens."""
+def build_byte(pad_to_multiple_of: int = 8, words: list[str] = []):
+    """Byte-level text tokenizer needing no files, with OmniMamba's special tokens; ``words`` get one id each."""
     from .text import ByteTokenizer
 
-    return ByteTokenizer(pad_to_multiple_of)
+    return ByteTokenizer(pad_to_multiple_of, words)
 
 
 def build_hf_tokenizer(path: str, pad_to_multiple_of: int = 16, eos_token: str = "<|endoftext|>"):
