@@ -40,7 +40,11 @@ def evaluate_mmu(model, dataset, sampling: dict, batch_size: int = 32) -> dict[s
             expected.append(turn["answer"])
     got = answer(model, images, questions, batch_size=batch_size, **sampling)
     correct = [normalize(g) == normalize(e) for g, e in zip(got, expected)]
+    by_question: dict[str, list[bool]] = {}
+    for q, ok in zip(questions, correct):
+        by_question.setdefault(q, []).append(ok)
     return {"mmu_accuracy": sum(correct) / max(1, len(correct)), "mmu_questions": len(correct),
+            "mmu_accuracy_by_question": {q: sum(v) / len(v) for q, v in by_question.items()},
             "mmu_examples": [{"q": q, "expected": e, "got": g} for q, e, g in list(zip(questions, expected, got))[:6]]}
 
 

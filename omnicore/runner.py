@@ -84,7 +84,7 @@ def run_recipe(ref: str, overrides: list[str], *, run_dir: Path | None = None, r
     from .model.unified import build_from_spec, load
     from .training.distributed import init_distributed
     from .training.metrics import MetricsWriter
-    from .training.trainer import RunContext, run_unified_stage, run_vqgan_stage
+    from .training.trainer import RunContext, run_contrastive_stage, run_unified_stage, run_vqgan_stage
 
     console = console or Console()
     loaded = load_recipe(ref, overrides)
@@ -134,7 +134,8 @@ def run_recipe(ref: str, overrides: list[str], *, run_dir: Path | None = None, r
                     _load_init_weights(model, stage.init_from, f"stages.{stage.name}.init_from")
                 if stage.seed is not None:
                     seed_everything(stage.seed)
-                runner = run_vqgan_stage if stage.kind == "vqgan" else run_unified_stage
+                runner = {"vqgan": run_vqgan_stage, "contrastive": run_contrastive_stage}.get(stage.kind,
+                                                                                             run_unified_stage)
                 runner(model, stage, i, ctx, resume=this_resume)
             if dist_info.is_main:
                 model.save(final_dir)

@@ -109,3 +109,35 @@ def test_registry_and_param_errors():
         omnicore.create("head", "image_vocab", codebook_size=12, d_model=8, embed_dims=4)
     with pytest.raises(OmnicoreError, match="d_model must be >= 1"):
         omnicore.create("head", "caption_mlp", d_model=0)
+
+
+def test_contrastive_tower_learns_to_match_captions():
+    # image features that identify the caption (plus noise); a few Adam steps on the SigLIP loss must rank each
+    # image's own caption first: a sign error in the labels or a wrong positive mask makes this fail
+    torch.manual_seed(0)
+    tok = omnicore.create("text_tokenizer", "byte", words=["a", "red", "blue", "circle", "square"])
+    tower = omnicore.create("head", "contrastive_text", vocab_size=tok.vocab_size, encoder_dim=16, dim=32)
+    captions = ["a red circle", "a blue circle", "a red square", "a blue square"]
+    ids = torch.tensor([tok.encode(c) for c in captions])
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    codes = torch.randn(4, 16)
+    opt = torch.optim.Adam(tower.parameters(), lr=1e-2)
+    batch = torch.arange(4).repeat(4)  # 16 pairs; every caption four times, so several positives per row
+    positive = batch[:, None] == batch[None, :]
+    first = None
+    for _ in range(60):
+        feats = (codes[batch] + 0.1 * torch.randn(16, 16))[:, None, :].expand(16, 3, 16)
+        loss = tower.loss(feats, ids[batch], mask[batch], positive)
+        first = float(loss.detach()) if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        sims = tower.embed_image(codes[:, None, :]) @ tower.embed_text(ids, mask).T
+    assert float(loss.detach()) < 0.2 * first
+    assert torch.equal(sims.argmax(-1), torch.arange(4))
+
+
+def test_contrastive_tower_rejects_bad_sizes():
+    with pytest.raises(omnicore.OmnicoreError, match="contrastive_text"):
+        omnicore.create("head", "contrastive_text", vocab_size=10, encoder_dim=8, dim=30, num_heads=4)

@@ -19,7 +19,7 @@ from omnicore.errors import OmnicoreError
 from omnicore.runner import run_recipe
 
 # Every stage a few steps, tiny data: the pipeline, not the learning (the quick start itself shows learning).
-TINY = ["stages.tokenizer.steps=3", "stages.stage1_mmu.steps=3", "stages.stage1_t2i.steps=3",
+TINY = ["stages.tokenizer.steps=3", "stages.encoder.steps=3", "stages.encoder.batch_size=8", "stages.stage1_mmu.steps=3", "stages.stage1_t2i.steps=3",
         "stages.stage2_unified.steps=4", "stages.tokenizer.batch_size=8", "stages.stage1_mmu.tasks.mmu.batch_size=4",
         "stages.stage1_t2i.tasks.t2i.batch_size=4", "stages.stage2_unified.tasks.mmu.batch_size=4",
         "stages.stage2_unified.tasks.t2i.batch_size=4",
@@ -103,13 +103,18 @@ def test_tiny_quickstart_runs_end_to_end(tmp_path):
     assert r.stdout.strip().splitlines()[-1] == f"final model: {run / 'model'}"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     last = {rec["stage"]: rec["step"] for rec in records if "step" in rec}
-    assert last == {"tokenizer": 3, "stage1_mmu": 3, "stage1_t2i": 3, "stage2_unified": 4}
+    assert last == {"tokenizer": 3, "encoder": 3, "stage1_mmu": 3, "stage1_t2i": 3, "stage2_unified": 4}
     starts = {rec["stage"]: rec["trainable"] for rec in records if rec.get("event") == "start"}
     assert set(starts["stage1_t2i"]) == {"heads.image", "heads.caption", "heads.t2i_positions",
                                          "backbone"}  # backbone: the t2i adapter only
     assert starts["stage1_t2i"]["backbone"] < starts["stage2_unified"]["backbone"]
+    assert "encoder" not in starts["stage1_mmu"] and "encoder" not in starts["stage2_unified"]  # pretrained, frozen
     evaluation = json.loads((run / "eval.json").read_text())
     assert 0 <= evaluation["mmu_accuracy"] <= 1 and 0 <= evaluation["t2i_color_acc"] <= 1
+    by_question = evaluation["mmu_accuracy_by_question"]  # the three synthetic questions, each scored apart
+    assert len(by_question) == 3 and "What shape is it?" in by_question
+    # every image is asked all three questions, so the overall accuracy is their mean
+    assert abs(sum(by_question.values()) / 3 - evaluation["mmu_accuracy"]) < 1e-9
     assert (run / "eval" / "t2i_samples.png").is_file() and (run / "recipe.yaml").is_file()
     model = omnicore.load(run / "model")
     assert isinstance(model.answer([None], ["What shape is it?"], max_new_tokens=4)[0], str)
@@ -132,7 +137,7 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
     full = run_recipe("quickstart", overrides, run_dir=tmp_path / "full", console=quiet())
     with pytest.raises(KeyboardInterrupt):
         run_recipe("quickstart", overrides, run_dir=tmp_path / "cut", console=quiet(), stop_after_step=4)
-    assert (tmp_path / "cut" / "checkpoints" / "latest").read_text().strip() == "01-stage1_mmu-step0000004"
+    assert (tmp_path / "cut" / "checkpoints" / "latest").read_text().strip() == "02-stage1_mmu-step0000004"
     run_recipe("quickstart", overrides, run_dir=tmp_path / "cut", resume=True, console=quiet())
     a, b = _final_state(full), _final_state(tmp_path / "cut")
     assert a.keys() == b.keys()

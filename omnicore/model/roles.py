@@ -21,6 +21,7 @@ HEAD_INJECTIONS = {
     "caption": {"d_model"},
     "mmu_positions": {"d_model"},
     "t2i_positions": {"d_model"},
+    "contrastive": {"vocab_size", "encoder_dim"},
 }
 ROLE_INJECTIONS = {"projector": {"in_dim", "out_dim"}}
 TASKS = ("mmu", "t2i")

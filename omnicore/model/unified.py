@@ -276,7 +276,8 @@ def build_from_spec(model_spec: dict) -> UnifiedModel:
     image_tokenizer = _create("image_tokenizer", "image_tokenizer", spec["image_tokenizer"], {}) \
         if spec.get("image_tokenizer") else None
     sizes = {"d_model": d_model, "vocab_size": text_tokenizer.vocab_size,
-             "codebook_size": getattr(image_tokenizer, "codebook_size", None)}
+             "codebook_size": getattr(image_tokenizer, "codebook_size", None),
+             "encoder_dim": getattr(encoder, "embed_dim", None)}
     heads = {}
     for name, head_spec in spec.get("heads", {}).items():
         injected = {k: sizes[k] for k in HEAD_INJECTIONS.get(name, set()) if sizes.get(k) is not None}

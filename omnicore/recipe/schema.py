@@ -79,10 +79,12 @@ class ScheduleSpec(Strict):
 
 class StageSpec(Strict):
     name: str
-    kind: Literal["unified", "vqgan"] = "unified"
+    # unified: the model's tasks; vqgan: the image tokenizer; contrastive: the encoder, SigLIP-style, against the
+    # caption tower heads.contrastive
+    kind: Literal["unified", "vqgan", "contrastive"] = "unified"
     tasks: dict[str, TaskSpec] = Field(default_factory=dict)
-    data: Optional[DataSpec] = None  # for kind vqgan: the images to train the tokenizer on
-    batch_size: Optional[int] = Field(None, gt=0)  # for kind vqgan
+    data: Optional[DataSpec] = None  # for kinds vqgan (images) and contrastive (images with captions)
+    batch_size: Optional[int] = Field(None, gt=0)  # for kinds vqgan and contrastive
     train: TrainSpec = Field(default_factory=TrainSpec)
     optimizer: OptimizerSpec
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
@@ -109,7 +111,7 @@ class StageSpec(Strict):
                     raise ValueError(f"task {task!r} has no 'data'")
         else:
             if self.data is None or self.batch_size is None:
-                raise ValueError("a vqgan stage needs 'data' and 'batch_size'")
+                raise ValueError(f"a {self.kind} stage needs 'data' and 'batch_size'")
         return self
 
 

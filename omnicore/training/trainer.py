@@ -290,3 +290,75 @@ def run_vqgan_stage(model: UnifiedModel, stage: StageSpec, stage_index: int, ctx
     for p in tokenizer.parameters():
         p.requires_grad_(False)
     tokenizer.eval()
+
+
+class _ImagesAndCaptions:
+    """Collate samples with an ``image`` and a ``caption``: encoder pixels, padded caption ids, positive pairs."""
+
+    def __init__(self, transform, tokenizer, max_tokens: int) -> None:
+        self.transform, self.tokenizer, self.max_tokens = transform, tokenizer, max_tokens
+
+    def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
+        if any(s.get("image") is None or not s.get("caption") for s in samples):
+            raise OmnicoreError("contrastive stage: dataset samples need an 'image' and a 'caption'")
+        ids = [self.tokenizer.encode(s["caption"])[: self.max_tokens] for s in samples]
+        L = max(1, max(len(i) for i in ids))
+        text = torch.full((len(ids), L), self.tokenizer.pad_id, dtype=torch.long)
+        mask = torch.zeros(len(ids), L, dtype=torch.bool)
+        for row, i in enumerate(ids):
+            text[row, : len(i)] = torch.tensor(i, dtype=torch.long)
+            mask[row, : len(i)] = True
+        captions = [s["caption"] for s in samples]
+        positive = torch.tensor([[a == b for b in captions] for a in captions])
+        return {"pixels": torch.stack([self.transform(s["image"]) for s in samples]), "ids": text, "mask": mask,
+                "positive": positive}
+
+
+def run_contrastive_stage(model: UnifiedModel, stage: StageSpec, stage_index: int, ctx: RunContext,
+                          resume: dict[str, Any] | None = None) -> None:
+    """Pretrain the encoder against the caption tower ``heads.contrastive`` with the SigLIP loss."""
+    tower = model.heads["contrastive"] if "contrastive" in model.heads else None
+    if model.encoder is None or tower is None:
+        raise OmnicoreError(f"stage {stage.name!r}: a contrastive stage needs model.encoder and "
+                            "model.heads.contrastive (type contrastive_text)")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    trainable = list(model.encoder.parameters()) + list(tower.parameters())
+    for p in trainable:
+        p.requires_grad_(True)
+    if ctx.dist.is_main:
+        ctx.console.print(f"[bold]stage {stage.name}[/bold]: pretraining the encoder against captions "
+                          f"({sum(p.numel() for p in trainable):,} parameters)")
+    W = ctx.dist.world_size
+    if stage.batch_size % W:
+        raise OmnicoreError(f"stage {stage.name!r}: batch_size {stage.batch_size} is not divisible by {W} processes")
+    dataset = build_dataset(stage.data, f"stages.{stage.name}.data")
+    consumed = {"pairs": (resume or {}).get("data_positions", {}).get("pairs", 0)}
+    collate = _ImagesAndCaptions(model.encoder.image_transform(), model.text_tokenizer, tower.max_tokens)
+    # with several processes each one scores the pairs of its own share of the batch
+    loader = make_loader(dataset, stage.batch_size // W, collate, seed=ctx.seed + stage_index,
+                         start=consumed["pairs"], shuffle=stage.data.shuffle, num_workers=stage.data.num_workers,
+                         rank=ctx.dist.rank, world_size=W)
+    optimizer = _make_optimizer(trainable, stage)
+    start_step = _restore_progress(optimizer, resume)
+    model.encoder.train()
+    tower.train()
+
+    def step_fn(step: int) -> dict[str, float]:
+        total = 0.0
+        for _ in range(stage.grad_accum):
+            batch = {k: v.to(ctx.device) for k, v in next(loader).items()}
+            consumed["pairs"] += stage.batch_size
+            with autocast_for(stage, ctx.device):
+                loss = tower.loss(model.encoder(batch["pixels"]), batch["ids"], batch["mask"], batch["positive"])
+            (loss / stage.grad_accum).backward()
+            total += float(loss.detach()) / stage.grad_accum
+        average_gradients(trainable, ctx.dist)
+        return {"contrastive": total}
+
+    _run_loop(stage=stage, stage_index=stage_index, ctx=ctx, model=model, trainable=trainable, step_fn=step_fn,
+              data_positions=lambda: dict(consumed), start_step=start_step, optimizer=optimizer)
+    for p in trainable:
+        p.requires_grad_(False)
+    model.encoder.eval()
+    tower.eval()

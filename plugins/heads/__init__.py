@@ -1,4 +1,5 @@
-"""Built-in embeddings and vocabulary heads: text_vocab, image_vocab, caption_mlp, position_table."""
+"""Built-in embeddings and vocabulary heads: text_vocab, image_vocab, caption_mlp, position_table; and
+contrastive_text, the caption tower that pretrains the encoder."""
 
 from omnicore import hookimpl
 
@@ -11,3 +12,6 @@ def register_heads(register):
     register("image_vocab", image_vocab)
     register("caption_mlp", caption_mlp)
     register("position_table", position_table)
+    from .contrastive import contrastive_text
+
+    register("contrastive_text", contrastive_text)
