@@ -26,8 +26,8 @@ def build_mamba2(size: Optional[Literal["tiny", "130m", "370m", "780m", "1.3b", 
                  compile_decode: Optional[bool] = None, lora: Optional[dict[str, Any]] = None, device: Optional[str] = None, dtype: Optional[str] = None):
     """Mamba-2 backbone (mamba_ssm layout, PyTorch or Triton kernels, task LoRA, optional attention layers).
 
-    ``compile_decode``: compile the one-token decode step with torch.compile (None: on CUDA unless the environment
-    sets OMNICORE_COMPILE=0; the first generation then waits for compilation)."""
+    ``compile_decode``: compile the one-token decode step with torch.compile (None: on CUDA for models at least
+    1024 wide, unless the environment sets OMNICORE_COMPILE=0; the first generation then waits for compilation)."""
     import torch
 
     from .mamba2 import Mamba2Backbone

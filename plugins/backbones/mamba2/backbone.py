@@ -41,7 +41,7 @@ class Mamba2Backbone(nn.Module):
         if any(not 0 <= i < n_layer for i in self.attn_layer_idx):
             raise ValueError(f"attn_layer_idx {self.attn_layer_idx} out of range for n_layer={n_layer}")
         self.gradient_checkpointing = False
-        self.compile_decode = compile_decode  # None: compiled one-token steps on CUDA (compiled_step.py)
+        self.compile_decode = compile_decode  # None: compiled one-token steps on CUDA for wide models (compiled_step.py)
         self.merged_task: str | None = None
         layers = []
         for i in range(n_layer):

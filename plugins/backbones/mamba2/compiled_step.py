@@ -30,12 +30,19 @@ def _block_step(block, h: torch.Tensor, residual: torch.Tensor | None, conv_stat
     return block(h, residual, MambaCache(conv_state, ssm_state), None, None, use_kernels=use_kernels)
 
 
+# ``compile_decode=None`` compiles from this width up. Compiling costs about a minute per process; for a small
+# model that is more than its whole generation (the quick-start model answered in 67 s on the H100, nearly all of
+# it compilation), while at the 1.3B shape it halves every step (benchmarks/NOTES.md).
+AUTO_MIN_D_MODEL = 1024
+
+
 def wanted(setting: bool | None, x: torch.Tensor) -> bool:
-    """``setting`` None: on for CUDA tensors unless OMNICORE_COMPILE=0; True/False: as given (CUDA only)."""
+    """``setting`` None: on for CUDA tensors of models at least AUTO_MIN_D_MODEL wide, unless OMNICORE_COMPILE=0;
+    True/False: as given (CUDA only)."""
     if _failed is not None or x.device.type != "cuda":
         return False
     if setting is None:
-        return os.environ.get("OMNICORE_COMPILE", "1") != "0"
+        return os.environ.get("OMNICORE_COMPILE", "1") != "0" and x.shape[-1] >= AUTO_MIN_D_MODEL
     return bool(setting)
 
 
