@@ -4,7 +4,8 @@ MMU: prompts of different lengths are left padded with a mask, so padding leaves
 batch gives the same tokens as one-by-one generation. T2I: conditional and unconditional (dropped caption)
 streams share one batch for classifier-free guidance; only image codes are sampled, exactly h*w of them.
 On CUDA a whole step (sampling, feeding the token, the backbone step and the head) is captured as one CUDA
-graph per call (``cuda_graph=True``, the default there); the host only refills the noise buffer and replays it.
+graph (``cuda_graph=True``, the default there), kept with its buffers per shape and sampling rule so later calls
+only replay it; the host only refills the noise buffer between replays.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from .graphs import GraphedStep
+from .graphs import GraphedStep, graphs_enabled
 from .sampling import Sampling, mark_seen, pick_token
 
 
@@ -83,10 +84,6 @@ def clear_decode_cache(model) -> None:
     model.__dict__.pop("_decode_sessions", None)
 
 
-def _use_graph(cuda_graph: bool | None, device: torch.device) -> bool:
-    return device.type == "cuda" if cuda_graph is None else bool(cuda_graph) and device.type == "cuda"
-
-
 def _round_up(n: int, multiple: int = 256) -> int:
     return (n + multiple - 1) // multiple * multiple
 
@@ -109,7 +106,7 @@ def generate_codes(model, captions: list[str | None], guidance_scale: float = 1.
         prefixes += [model.layout.t2i_prefix(None)] * B
     prefix = torch.tensor(prefixes, device=dev)
     Lp, rows = prefix.shape[1], prefix.shape[0]
-    graph = _use_graph(cuda_graph, dev)
+    graph = graphs_enabled(cuda_graph, dev)
     ses = _session(model, "t2i", rows, B, _vocab(model, "image"), _round_up(Lp + N), s, graph, n_out=N,
                    extra=(float(guidance_scale),))
     ses.start(s)
@@ -164,7 +161,7 @@ def stream_text(model, pixels: torch.Tensor | None, has_image: torch.Tensor | No
         mask[i, L - r.shape[0]:] = True
     positions = (mask.long().cumsum(1) - 1).clamp(min=0)
     x = model.add_positions(x, "mmu_positions", positions)
-    graph = _use_graph(cuda_graph, dev)
+    graph = graphs_enabled(cuda_graph, dev)
     ses = _session(model, "mmu", B, B, _vocab(model, "text"), _round_up(L + s.max_new_tokens), s, graph)
     ses.start(s)
     h = model.backbone(x, task="mmu", state=ses.state, mask=mask)

@@ -13,13 +13,18 @@ from typing import Callable, Sequence
 import torch
 
 
+def graphs_enabled(setting: bool | None, device: torch.device) -> bool:
+    """``cuda_graph`` as callers give it: None means on for CUDA; graphs are never used off CUDA."""
+    return device.type == "cuda" and (setting is None or bool(setting))
+
+
 class GraphedStep:
     def __init__(self, step: Callable[[], None], mutable: Sequence[torch.Tensor], use_graph: bool | None,
                  device: torch.device) -> None:
         """``mutable``: every tensor the step writes (restored after the warm-up calls)."""
         self.step = step
         self.mutable = list(mutable)
-        self.use_graph = (device.type == "cuda") if use_graph is None else (use_graph and device.type == "cuda")
+        self.use_graph = graphs_enabled(use_graph, device)
         self.graph: torch.cuda.CUDAGraph | None = None
 
     def __call__(self) -> None:

@@ -245,29 +245,40 @@ class _ImagesOnly:
         return torch.stack([image_to_tensor(s["image"], self.size) for s in samples])
 
 
-def run_vqgan_stage(model: UnifiedModel, stage: StageSpec, stage_index: int, ctx: RunContext,
-                    resume: dict[str, Any] | None = None) -> None:
-    tokenizer = model.image_tokenizer
-    if tokenizer is None:
-        raise OmnicoreError(f"stage {stage.name!r}: a vqgan stage needs model.image_tokenizer")
+def _single_source_setup(model: UnifiedModel, stage: StageSpec, stage_index: int, ctx: RunContext,
+                         resume: dict[str, Any] | None, trainable: list[torch.nn.Parameter], what: str,
+                         collate, position_key: str):
+    """Shared start of the stages that train one part on one dataset (kinds vqgan and contrastive): freeze all
+    but ``trainable``, announce it, shard ``stage.data`` over the processes from the resumed position, and make
+    the optimizer. Returns (loader, consumed, optimizer, start_step)."""
     for p in model.parameters():
         p.requires_grad_(False)
-    trainable = [p for p in tokenizer.parameters()]
     for p in trainable:
         p.requires_grad_(True)
     if ctx.dist.is_main:
-        ctx.console.print(f"[bold]stage {stage.name}[/bold]: training the image tokenizer "
+        ctx.console.print(f"[bold]stage {stage.name}[/bold]: {what} "
                           f"({sum(p.numel() for p in trainable):,} parameters)")
     W = ctx.dist.world_size
     if stage.batch_size % W:
         raise OmnicoreError(f"stage {stage.name!r}: batch_size {stage.batch_size} is not divisible by {W} processes")
     dataset = build_dataset(stage.data, f"stages.{stage.name}.data")
-    consumed = {"images": (resume or {}).get("data_positions", {}).get("images", 0)}
-    loader = make_loader(dataset, stage.batch_size // W, _ImagesOnly(model.image_size), seed=ctx.seed + stage_index,
-                         start=consumed["images"], shuffle=stage.data.shuffle, num_workers=stage.data.num_workers,
+    consumed = {position_key: (resume or {}).get("data_positions", {}).get(position_key, 0)}
+    loader = make_loader(dataset, stage.batch_size // W, collate, seed=ctx.seed + stage_index,
+                         start=consumed[position_key], shuffle=stage.data.shuffle, num_workers=stage.data.num_workers,
                          rank=ctx.dist.rank, world_size=W)
     optimizer = _make_optimizer(trainable, stage)
-    start_step = _restore_progress(optimizer, resume)
+    return loader, consumed, optimizer, _restore_progress(optimizer, resume)
+
+
+def run_vqgan_stage(model: UnifiedModel, stage: StageSpec, stage_index: int, ctx: RunContext,
+                    resume: dict[str, Any] | None = None) -> None:
+    tokenizer = model.image_tokenizer
+    if tokenizer is None:
+        raise OmnicoreError(f"stage {stage.name!r}: a vqgan stage needs model.image_tokenizer")
+    trainable = list(tokenizer.parameters())
+    loader, consumed, optimizer, start_step = _single_source_setup(
+        model, stage, stage_index, ctx, resume, trainable, "training the image tokenizer",
+        _ImagesOnly(model.image_size), "images")
     tokenizer.train()
     training_losses = tokenizer.training_losses
 
@@ -321,26 +332,12 @@ def run_contrastive_stage(model: UnifiedModel, stage: StageSpec, stage_index: in
     if model.encoder is None or tower is None:
         raise OmnicoreError(f"stage {stage.name!r}: a contrastive stage needs model.encoder and "
                             "model.heads.contrastive (type contrastive_text)")
-    for p in model.parameters():
-        p.requires_grad_(False)
     trainable = list(model.encoder.parameters()) + list(tower.parameters())
-    for p in trainable:
-        p.requires_grad_(True)
-    if ctx.dist.is_main:
-        ctx.console.print(f"[bold]stage {stage.name}[/bold]: pretraining the encoder against captions "
-                          f"({sum(p.numel() for p in trainable):,} parameters)")
-    W = ctx.dist.world_size
-    if stage.batch_size % W:
-        raise OmnicoreError(f"stage {stage.name!r}: batch_size {stage.batch_size} is not divisible by {W} processes")
-    dataset = build_dataset(stage.data, f"stages.{stage.name}.data")
-    consumed = {"pairs": (resume or {}).get("data_positions", {}).get("pairs", 0)}
     collate = _ImagesAndCaptions(model.encoder.image_transform(), model.text_tokenizer, tower.max_tokens)
     # with several processes each one scores the pairs of its own share of the batch
-    loader = make_loader(dataset, stage.batch_size // W, collate, seed=ctx.seed + stage_index,
-                         start=consumed["pairs"], shuffle=stage.data.shuffle, num_workers=stage.data.num_workers,
-                         rank=ctx.dist.rank, world_size=W)
-    optimizer = _make_optimizer(trainable, stage)
-    start_step = _restore_progress(optimizer, resume)
+    loader, consumed, optimizer, start_step = _single_source_setup(
+        model, stage, stage_index, ctx, resume, trainable, "pretraining the encoder against captions", collate,
+        "pairs")
     model.encoder.train()
     tower.train()
 
