@@ -95,6 +95,9 @@ class StageSpec(Strict):
     gradient_checkpointing: bool = False
     distributed: Literal["ddp", "fsdp"] = "ddp"  # used when launched with several processes
     caption_dropout: float = Field(0.0, ge=0, le=1)
+    # T2I images encoded once at the stage start instead of at every draw; None: when the image tokenizer is
+    # frozen and the stage draws at least as many samples as the dataset holds
+    cache_codes: Optional[bool] = None
     checkpoint_every: int = Field(0, ge=0)  # 0: only at the end of the stage
     eval_every: int = Field(0, ge=0)
     log_every: int = Field(10, gt=0)

@@ -24,6 +24,7 @@ from ..model.unified import UnifiedModel
 from ..recipe.schema import DataSpec, StageSpec
 from ..registry import registry
 from .checkpoint import save_checkpoint
+from .code_cache import WithCodes, encode_dataset, worth_caching
 from .data import MMUCollator, T2ICollator, image_to_tensor, make_loader
 from .distributed import DistInfo, average_gradients, mean_across, wrap_model
 from .freeze import apply_trainable
@@ -198,6 +199,7 @@ def run_unified_stage(model: UnifiedModel, stage: StageSpec, stage_index: int, c
             size = model.encoder.image_size if model.encoder is not None else 0
             collate = MMUCollator(model.layout, transform, size)
         else:
+            dataset = _maybe_cache_codes(model, stage, task, dataset, ctx)
             collate = T2ICollator(model.layout, model.image_size, model.num_image_codes, stage.caption_dropout,
                                   seed=ctx.seed)
         consumed[task] = positions.get(task, 0)
@@ -230,6 +232,23 @@ def run_unified_stage(model: UnifiedModel, stage: StageSpec, stage_index: int, c
               data_positions=lambda: dict(consumed), start_step=start_step, optimizer=optimizer)
     if hasattr(model.backbone, "gradient_checkpointing"):
         model.backbone.gradient_checkpointing = False
+
+
+def _maybe_cache_codes(model: UnifiedModel, stage: StageSpec, task: str, dataset, ctx: RunContext):
+    """Encode a T2I dataset's images once up front when that is cheaper than encoding them at every draw."""
+    tokenizer = model.image_tokenizer
+    frozen = tokenizer is not None and not any(p.requires_grad for p in tokenizer.parameters())
+    drawn = stage.tasks[task].batch_size * stage.grad_accum * stage.steps
+    if not worth_caching(stage.cache_codes, dataset, drawn, frozen):
+        return dataset
+    was_training = tokenizer.training
+    tokenizer.eval()
+    with _progress(ctx.console, ctx.dist.is_main) as progress:
+        bar = progress.add_task(f"{stage.name}: {task} codes", total=len(dataset), info="")
+        codes = encode_dataset(dataset, model.image_size, model.images_to_codes,
+                               lambda n: progress.advance(bar, n))
+    tokenizer.train(was_training)
+    return WithCodes(dataset, codes)
 
 
 class _ImagesOnly:
