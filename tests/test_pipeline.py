@@ -201,3 +201,12 @@ def test_ddp_two_processes_match_one(tmp_path):
     assert len(a) == len(b) == 3
     assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
     assert a[2] != a[0]  # it trained
+
+
+def test_long_caption_is_truncated_with_a_warning(tiny_model):
+    layout = tiny_model.layout
+    words = "a red circle on the left " * 4
+    with pytest.warns(UserWarning, match="max_caption_tokens"):
+        prefix = layout.t2i_prefix(words)
+    assert len(prefix) == layout.t2i_prefix_len  # the layout keeps its fixed length
+    assert layout.t2i_prefix("a red circle on the left")[-8:-2] == layout.tokenizer.encode("a red circle on the left")

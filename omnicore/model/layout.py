@@ -6,6 +6,7 @@ T2I: [<|t2i|>, <|sot|>, caption (left padded to max_caption_tokens), <|eot|>, <|
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 IGNORE = -100  # label value CrossEntropyLoss skips
@@ -55,6 +56,10 @@ class Layout:
 
     def t2i_prefix(self, caption: str | None) -> list[int]:
         """The conditioning prefix; ``None`` gives the unconditional (dropped caption) prefix."""
-        ids = [] if caption is None else self.tokenizer.encode(caption.strip())[: self.max_caption_tokens]
+        ids = [] if caption is None else self.tokenizer.encode(caption.strip())
+        if len(ids) > self.max_caption_tokens:
+            warnings.warn(f"caption {caption[:60]!r} has {len(ids)} tokens; the model reads the first "
+                          f"{self.max_caption_tokens} (max_caption_tokens)", stacklevel=2)
+            ids = ids[: self.max_caption_tokens]
         pad = [self.tokenizer.pad_id] * (self.max_caption_tokens - len(ids))
         return [self.sid("<|t2i|>"), self.sid("<|sot|>")] + pad + ids + [self.sid("<|eot|>"), self.sid("<|soi|>")]
