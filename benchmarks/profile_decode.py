@@ -1,9 +1,10 @@
 """Where a decode step's time goes (GPU): the Mamba-2 1.3B backbone step and the sampler, per variant and batch.
 
 For each variant (eager kernels; compiled with a one-pass Triton state update, ours or mamba_ssm's; compiled
-with the PyTorch state update) and batch: the median time of a CUDA-graph replay of one backbone step, the
-bandwidth floor (weights plus reading and writing the SSM state once), and, with --profile, the heaviest kernels.
-Run: python benchmarks/profile_decode.py [--batches 1,64,128] [--profile]
+with the PyTorch state update; the compiled step before merged LoRA weights and the one-pass conv update, and with
+each alone) and batch: the median time of a CUDA-graph replay of one backbone step, the bandwidth floor (weights
+plus reading and writing the SSM state once), with --profile the heaviest kernels, with --sweep the tile sizes of
+the one-pass kernels. Run: python benchmarks/profile_decode.py [--batches 1,64,128] [--variants a,b] [--profile]
 """
 
 from __future__ import annotations
@@ -15,13 +16,18 @@ import torch
 from omnicore.generation.graphs import GraphedStep
 from omnicore.generation.sampling import Sampling, pick_token
 from omnicore.plugins.backbones import build_mamba2
-from omnicore.plugins.backbones.mamba2 import kernels
+from omnicore.plugins.backbones.mamba2 import compiled_step, kernels
 
-VARIANTS = {  # name -> (kernel, compile_decode, state update implementation)
-    "eager+kernels": ("auto", False, "triton"),
-    "compiled+triton ssu": ("auto", True, "triton"),
-    "compiled+mamba_ssm ssu": ("auto", True, "mamba_ssm"),
-    "compiled+torch ssu": ("torch", True, None),
+VARIANTS = {  # name -> (kernel, compile_decode, state update, conv update, merged LoRA weights for decoding,
+    #                    smallest batch for the one-pass state update in the compiled step)
+    "eager+kernels": ("auto", False, "triton", "triton", True, 8),
+    "compiled (before)": ("auto", True, "triton", "torch", False, 8),  # no merged LoRA, no conv kernel
+    "compiled+merged lora": ("auto", True, "triton", "torch", True, 8),
+    "compiled+conv kernel": ("auto", True, "triton", "triton", False, 8),
+    "compiled+triton ssu": ("auto", True, "triton", "triton", True, 8),  # the default
+    "compiled+triton ssu from 1": ("auto", True, "triton", "triton", True, 1),
+    "compiled+mamba_ssm ssu": ("auto", True, "mamba_ssm", "triton", True, 8),
+    "compiled+torch ssu": ("torch", True, None, "triton", True, 8),
 }
 
 
@@ -51,24 +57,71 @@ def measure_bandwidth() -> float:
     return 2 * a.numel() / (ms / 1e3)
 
 
+def graph_us(launch, k: int = 24) -> float:
+    """Microseconds per call of ``launch(i)`` (i = 0..k-1), from replays of a CUDA graph of k back-to-back calls
+    (timing single eager launches measures the host's launch cost, not the kernel)."""
+    launch(0)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(k):
+            launch(i)
+    return replay_ms(graph.replay, 20) / k * 1e3
+
+
+def sweep(b: int, bw: float) -> None:
+    """Tile sizes of the one-pass kernels (triton_step.py) at the 1.3B mixer shape: time and share of bandwidth."""
+    from omnicore.plugins.backbones.mamba2 import triton_step
+
+    h, p, n, dim = 64, 64, 128, 4096 + 256
+    kw = dict(device="cuda", dtype=torch.bfloat16)
+    states = [torch.randn(b, h, p, n, **kw) for _ in range(3)]  # rotate through more than L2 holds
+    x, dt = torch.randn(b, h, p, **kw), torch.rand(b, h, device="cuda") * 0.1
+    A, D = -torch.rand(h, device="cuda"), torch.randn(h, **kw)
+    B, C = torch.randn(b, 1, n, **kw), torch.randn(b, 1, n, **kw)
+    nbytes = 2 * states[0].numel() * 2
+    for block_p in (8, 16, 32, 64):
+        for warps in (2, 4, 8):
+            us = graph_us(lambda i: triton_step.state_update(states[i % 3], x, dt, A, B, C, D, block_p, warps))
+            print(f"state update batch {b} block_p {block_p:3d} warps {warps}: {us:6.1f} us "
+                  f"{nbytes / (us / 1e6) / bw:5.0%} of copy bandwidth")
+    convs = [torch.randn(b, dim, 4, **kw) for _ in range(max(4, 2**27 // (b * dim * 8)))]
+    xc, w, bias = torch.randn(b, dim + 64, **kw)[:, :dim], torch.randn(dim, 4, **kw), torch.randn(dim, **kw)
+    nbytes = 2 * convs[0].numel() * 2
+    for block_c in (128, 256, 512, 1024):
+        for warps in (1, 2, 4, 8):
+            if block_c < 32 * warps:
+                continue
+            us = graph_us(lambda i: triton_step.conv_update(convs[i % len(convs)], xc, w, bias, True, block_c, warps))
+            print(f"conv update batch {b} block_c {block_c:4d} warps {warps}: {us:6.2f} us "
+                  f"{nbytes / (us / 1e6) / bw:5.0%} of copy bandwidth")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", default="1,64,128")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--profile", action="store_true", help="print the heaviest kernels of one step")
+    ap.add_argument("--sweep", action="store_true", help="time the Triton kernels' tile sizes per batch")
     args = ap.parse_args()
     bw = measure_bandwidth()
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, copy bandwidth {bw / 1e12:.2f} TB/s")
+    if args.sweep:
+        for b in [int(x) for x in args.batches.split(",")]:
+            sweep(b, bw)
     torch.manual_seed(0)
     model = build_mamba2(size="1.3b", lora={"tasks": ["mmu", "t2i"], "dropout": 0.0}, device="cuda",
                          dtype="bfloat16").eval()
     rows = []
     for name in args.variants.split(","):
-        kernel, compiled, impl = VARIANTS[name]
+        kernel, compiled, impl, conv, merge, ssu_min_batch = VARIANTS[name]
+        compiled_step.KERNEL_MIN_BATCH = ssu_min_batch
         kernels.STATE_UPDATE_IMPL = impl or kernels.STATE_UPDATE_IMPL
+        kernels.CONV_UPDATE_IMPL = conv
         for block in model.layers:
             block.mixer.kernel = kernel
         model.compile_decode = compiled
+        model.merge_lora_decode = merge
         for b in [int(x) for x in args.batches.split(",")]:
             with torch.inference_mode():
                 state = model.allocate_inference_state(b, 128)

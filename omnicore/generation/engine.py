@@ -40,6 +40,7 @@ class _Session:
         self.offsets = torch.zeros(rows, dtype=torch.long, device=dev)  # position of the first decoded token
         self.out = torch.zeros(batch, n_out, dtype=torch.long, device=dev)  # T2I: the codes sampled so far
         self.runner: GraphedStep | None = None
+        self.decode_weights = None  # the backbone's decoding buffers the captured step reads (_prepare_decode)
         self.generator: torch.Generator | None = None
 
     def buffers(self) -> list[torch.Tensor]:
@@ -80,8 +81,23 @@ def _session(model, kind: str, rows: int, batch: int, vocab: int, max_len: int, 
 
 
 def clear_decode_cache(model) -> None:
-    """Drop the kept decoding sessions (their inference states and CUDA graphs) of ``model``."""
+    """Drop the kept decoding sessions (their inference states and CUDA graphs) of ``model``, and the backbone's
+    merged decoding weights."""
     model.__dict__.pop("_decode_sessions", None)
+    clear = getattr(model.backbone, "clear_decode_weights", None)
+    if clear is not None:
+        clear()
+
+
+def _prepare_decode(model, ses: _Session, task: str) -> None:
+    """Before the first step of a call: the backbone's per-task decoding weights (merged LoRA) made up to date with
+    the current weights, in place, so a kept CUDA graph reads the right ones; if they are other buffers than the
+    graph was captured with (freed, moved, merging switched), the step is captured again."""
+    prepare = getattr(model.backbone, "prepare_decode", None)
+    weights = prepare(task) if prepare is not None else None
+    if ses.runner is not None and weights != ses.decode_weights:
+        ses.runner = None
+    ses.decode_weights = weights
 
 
 def _round_up(n: int, multiple: int = 256) -> int:
@@ -114,6 +130,7 @@ def generate_codes(model, captions: list[str | None], guidance_scale: float = 1.
     h = model.backbone(x, task="t2i", state=ses.state)
     ses.logits.copy_(model.heads["image"].logits(h[:, -1]))
     ses.offsets.fill_(Lp)
+    _prepare_decode(model, ses, "t2i")
 
     def sample() -> torch.Tensor:
         logits = ses.logits
@@ -167,6 +184,7 @@ def stream_text(model, pixels: torch.Tensor | None, has_image: torch.Tensor | No
     h = model.backbone(x, task="mmu", state=ses.state, mask=mask)
     ses.logits.copy_(model.heads["text"].logits(h[:, -1]))
     ses.offsets.copy_(lengths)
+    _prepare_decode(model, ses, "mmu")
     stops = torch.tensor(sorted({model.layout.sid("<|eot|>"), model.text_tokenizer.eos_id}), device=dev)
     pad = model.text_tokenizer.pad_id
 

@@ -42,6 +42,8 @@ class Mamba2Backbone(nn.Module):
             raise ValueError(f"attn_layer_idx {self.attn_layer_idx} out of range for n_layer={n_layer}")
         self.gradient_checkpointing = False
         self.compile_decode = compile_decode  # None: compiled one-token steps on CUDA for wide models (compiled_step.py)
+        # one-token steps without gradients run in_proj with the task's merged LoRA weight (lora.decode_weight)
+        self.merge_lora_decode = True
         self.merged_task: str | None = None
         layers = []
         for i in range(n_layer):
@@ -93,17 +95,21 @@ class Mamba2Backbone(nn.Module):
         checkpoint = self.gradient_checkpointing and self.training and state is None and torch.is_grad_enabled()
         compiled = (state is not None and l == 1 and mask is None and not torch.is_grad_enabled()
                     and compiled_step.wanted(self.compile_decode, inputs_embeds))
+        merge = state is not None and l == 1 and self.merge_lora_decode and not torch.is_grad_enabled()
         h, residual = inputs_embeds, None
         for i, block in enumerate(self.layers):
             cache = state.layers[i] if state is not None else None
+            weight = None
+            if merge and isinstance(block.mixer, Mamba2):
+                weight = lora.decode_weight(block.mixer.in_proj, task)
             if compiled and not isinstance(block.mixer, MHA):
                 lora.activate(block.lora_layers, task)
-                h, residual = compiled_step.block_step(block, h, residual, cache)
+                h, residual = compiled_step.block_step(block, h, residual, cache, weight)
             elif checkpoint:
                 h, residual = torch.utils.checkpoint.checkpoint(_run_block, block, task, h, residual, cache, mask,
                                                                 ctx, use_reentrant=False)
             else:
-                h, residual = _run_block(block, task, h, residual, cache, mask, ctx)
+                h, residual = _run_block(block, task, h, residual, cache, mask, ctx, weight)
         residual = h + residual
         out = self.norm_f(residual.to(self.norm_f.weight.dtype))
         if state is not None:
@@ -162,6 +168,18 @@ class Mamba2Backbone(nn.Module):
     def load_adapters(self, path, strict: bool = True):
         return lora.load_adapters(self, path, strict)
 
+    def prepare_decode(self, task: str | None) -> tuple:
+        """Before decoding (and before replaying a captured step): make the merged decoding weights of ``task`` exist
+        and match the current weights (updated in place). Returns which buffers the step will read: a CUDA graph
+        captured over the step stays valid while this is unchanged."""
+        if not self.merge_lora_decode:
+            return ()
+        weights = [lora.decode_weight(b.mixer.in_proj, task) for b in self.layers if isinstance(b.mixer, Mamba2)]
+        return tuple(None if w is None else (w.data_ptr(), w.dtype) for w in weights)
+
+    def clear_decode_weights(self) -> None:
+        lora.clear_decode_weights(self)
+
     def merge_adapter(self, task: str) -> None:
         lora.merge_adapter(self, task)
 
@@ -169,6 +187,8 @@ class Mamba2Backbone(nn.Module):
         lora.unmerge_adapter(self)
 
 
-def _run_block(block: Block, task, h, residual, cache, mask, ctx):
+def _run_block(block: Block, task, h, residual, cache, mask, ctx, in_proj_weight=None):
     lora.activate(block.lora_layers, task)  # per block, so a checkpoint recompute uses the same adapter
-    return block(h, residual, cache, mask, ctx)
+    if in_proj_weight is None:
+        return block(h, residual, cache, mask, ctx)
+    return block(h, residual, cache, mask, ctx, in_proj_weight=in_proj_weight)

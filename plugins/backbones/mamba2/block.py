@@ -57,13 +57,16 @@ class Block(nn.Module):
         return residual.to(_residual_dtype(residual)) if self.residual_in_fp32 else residual
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor | None, cache=None, mask: torch.Tensor | None = None,
-                ctx: AttnContext | None = None, use_kernels: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                ctx: AttnContext | None = None, use_kernels: bool | None = None,
+                in_proj_weight: torch.Tensor | None = None,
+                conv_kernel: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``use_kernels``, ``in_proj_weight``, ``conv_kernel``: one-token steps of a Mamba-2 mixer (Mamba2.forward)."""
         residual = self._add(h, residual)
         h = self.norm(residual.to(self.norm.weight.dtype))
         if isinstance(self.mixer, MHA):
             h = self.mixer(h, cache, ctx)
         else:
-            h = self.mixer(h, cache, mask, use_kernels)
+            h = self.mixer(h, cache, mask, use_kernels, in_proj_weight, conv_kernel)
         if self.mlp is not None:
             residual = self._add(h, residual)
             h = self.mlp(self.norm2(residual.to(self.norm2.weight.dtype)))

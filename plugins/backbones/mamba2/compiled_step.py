@@ -19,15 +19,18 @@ from . import kernels
 from .state import MambaCache
 
 KERNEL_MIN_BATCH = 8
+CONV_KERNEL_MIN_BATCH = 1  # the one-pass conv update (kernels.conv_update) from this batch on
 _compiled = None
 _failed: str | None = None
 
 
 def _block_step(block, h: torch.Tensor, residual: torch.Tensor | None, conv_state: torch.Tensor,
-                ssm_state: torch.Tensor, use_kernels: bool):
-    # with use_kernels, mamba_ssm's one-pass state update runs as an opaque custom op (kernels.state_update);
-    # without, Inductor fuses the PyTorch state update itself
-    return block(h, residual, MambaCache(conv_state, ssm_state), None, None, use_kernels=use_kernels)
+                ssm_state: torch.Tensor, use_kernels: bool, in_proj_weight: torch.Tensor | None, conv_kernel: bool):
+    # with use_kernels, the one-pass state update runs as an opaque custom op (kernels.state_update); without,
+    # Inductor fuses the PyTorch state update itself. conv_kernel: the same for the conv-state shift + conv.
+    # in_proj_weight: the task's merged LoRA weight (one matrix product instead of three), a graph input
+    return block(h, residual, MambaCache(conv_state, ssm_state), None, None, use_kernels=use_kernels,
+                 in_proj_weight=in_proj_weight, conv_kernel=conv_kernel)
 
 
 # ``compile_decode=None`` compiles from this width up. Compiling costs about a minute per process; for a small
@@ -46,8 +49,10 @@ def wanted(setting: bool | None, x: torch.Tensor) -> bool:
     return bool(setting)
 
 
-def block_step(block, h: torch.Tensor, residual: torch.Tensor | None, cache: MambaCache):
-    """The compiled step; if compilation fails once, warn and fall back to eager for the rest of the process."""
+def block_step(block, h: torch.Tensor, residual: torch.Tensor | None, cache: MambaCache,
+               in_proj_weight: torch.Tensor | None = None):
+    """The compiled step; if compilation fails once, warn and fall back to eager for the rest of the process.
+    ``in_proj_weight``: see Mamba2.step (the merged LoRA weight of the task)."""
     global _compiled, _failed
     if _compiled is None:
         limit = getattr(torch._dynamo.config, "recompile_limit", None)
@@ -58,10 +63,12 @@ def block_step(block, h: torch.Tensor, residual: torch.Tensor | None, cache: Mam
         # decided here, a constant for the compiler. Small batches fuse the PyTorch state update into neighbouring
         # kernels (faster at batch 1: 2.59 vs 2.85 ms a step at the 1.3B shape); large ones need the one-pass kernel
         use_kernels = h.shape[0] >= KERNEL_MIN_BATCH and kernels.use_fast(block.mixer.kernel, h)
-        return _compiled(block, h, residual, cache.conv_state, cache.ssm_state, use_kernels)
+        conv_kernel = h.shape[0] >= CONV_KERNEL_MIN_BATCH and kernels.conv_kernel_ok(cache.conv_state)
+        return _compiled(block, h, residual, cache.conv_state, cache.ssm_state, use_kernels, in_proj_weight,
+                         conv_kernel)
     except Exception as exc:  # noqa: BLE001 - any compiler failure: keep generating, eagerly
         if isinstance(exc, torch.cuda.OutOfMemoryError):
             raise
         _failed = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         warnings.warn(f"mamba2: compiled decode step failed, decoding eagerly from now on ({_failed})", stacklevel=2)
-        return block(h, residual, cache)
+        return block(h, residual, cache, in_proj_weight=in_proj_weight)

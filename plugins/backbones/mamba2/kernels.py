@@ -17,7 +17,7 @@ import importlib.util
 import sys
 import types
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Optional
 
 import torch
 
@@ -162,3 +162,36 @@ def state_update(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torc
 @state_update.register_fake
 def _(state, x, dt, A, B, C, D):
     return torch.empty_like(x)
+
+
+# The decode step's conv-state shift + depthwise conv + SiLU: "triton" (one pass over the state, triton_step.py)
+# or "torch" (the PyTorch step: window built, copied back, read again). benchmarks/profile_decode.py compares them.
+CONV_UPDATE_IMPL = "triton"
+
+
+def conv_kernel_ok(state: torch.Tensor) -> bool:
+    """Whether the one-pass conv update can run on this conv state (CUDA, triton, d_conv 4)."""
+    if CONV_UPDATE_IMPL != "triton" or not state.is_cuda:
+        return False
+    if "triton" not in _cache:
+        _cache["triton"] = importlib.util.find_spec("triton") is not None
+    if not _cache["triton"]:
+        return False
+    from .triton_step import conv_update_supported
+
+    return conv_update_supported(state)
+
+
+@torch.library.custom_op("omnicore::mamba2_conv_update", mutates_args=("state",))
+def conv_update(state: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """state (b, dim, 4) shifted in place with x (b, dim) appended -> silu(conv) (b, dim) in x's dtype; weight
+    (dim, 4). An opaque op for torch.compile, like ``state_update``."""
+    from .triton_step import conv_update as triton_conv_update
+
+    return triton_conv_update(state, x, weight, bias, silu=True)
+
+
+@conv_update.register_fake
+def _(state, x, weight, bias):
+    return x.new_empty(x.shape)

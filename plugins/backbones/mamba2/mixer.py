@@ -89,12 +89,15 @@ class Mamba2(nn.Module):
 
     # ---- forward ------------------------------------------------------------------------------------
     def forward(self, u: torch.Tensor, cache: MambaCache | None = None, mask: torch.Tensor | None = None,
-                use_kernels: bool | None = None) -> torch.Tensor:
+                use_kernels: bool | None = None, in_proj_weight: torch.Tensor | None = None,
+                conv_kernel: bool | None = None) -> torch.Tensor:
         """u (B, L, d_model) -> (B, L, d_model). mask (B, L) bool: False positions leave the cache untouched.
-        ``use_kernels`` (one-token steps): None decides by ``kernel`` and the tensor; True/False as decided by
-        the caller (the compiled step decides outside the compiled region)."""
+        One-token steps only: ``use_kernels`` None decides by ``kernel`` and the tensor, True/False as decided by
+        the caller (the compiled step decides outside the compiled region); ``in_proj_weight`` replaces in_proj
+        (the backbone passes the task's merged LoRA weight, lora.decode_weight); ``conv_kernel`` picks the one-pass
+        conv update (None: where it can run)."""
         if cache is not None and u.shape[1] == 1:
-            return self.step(u, cache, None if mask is None else mask[:, 0], use_kernels)
+            return self.step(u, cache, None if mask is None else mask[:, 0], use_kernels, in_proj_weight, conv_kernel)
         b, l, _ = u.shape
         fast = kernels.use_fast(self.kernel, u)
         z, xBC, dt = self._split(self.in_proj(u))
@@ -139,13 +142,23 @@ class Mamba2(nn.Module):
         return F.silu(out).transpose(1, 2)
 
     def step(self, u: torch.Tensor, cache: MambaCache, mask: torch.Tensor | None = None,
-             use_kernels: bool | None = None) -> torch.Tensor:
-        """One token: u (B, 1, d_model); conv and SSM states updated in place. mask (B,): False = skip."""
+             use_kernels: bool | None = None, in_proj_weight: torch.Tensor | None = None,
+             conv_kernel: bool | None = None) -> torch.Tensor:
+        """One token: u (B, 1, d_model); conv and SSM states updated in place. mask (B,): False = skip.
+        ``in_proj_weight``: one matrix product with it (and in_proj's bias) instead of calling in_proj."""
         fast = kernels.use_fast(self.kernel, u) if use_kernels is None else use_kernels
         ops = kernels.fast_ops() if fast else None
-        z, xBC, dt = self._split(self.in_proj(u[:, 0]))
+        if in_proj_weight is None:
+            zxbcdt = self.in_proj(u[:, 0])
+        else:
+            zxbcdt = F.linear(u[:, 0], in_proj_weight, getattr(self.in_proj, "base_layer", self.in_proj).bias)
+        z, xBC, dt = self._split(zxbcdt)
         dt = self._dt(dt)
-        if ops is not None and ops.conv1d_update is not None and mask is None:
+        if conv_kernel is None:  # the kernel has no backward: never while recording gradients
+            conv_kernel = not torch.is_grad_enabled() and kernels.conv_kernel_ok(cache.conv_state)
+        if conv_kernel and mask is None:
+            xBC = kernels.conv_update(cache.conv_state, xBC, self.conv1d.weight.squeeze(1), self.conv1d.bias)
+        elif ops is not None and ops.conv1d_update is not None and mask is None:
             xBC = ops.conv1d_update(xBC, cache.conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias,
                                     activation="silu")
         else:
