@@ -49,6 +49,31 @@ def test_heldout_combinations_are_exclusive():
         assert (m["color"], m["shape"], m["position"]) == held.attributes(i)
 
 
+def test_partial_captions_name_only_some_attributes_of_training_images():
+    full = SyntheticShapes("t2i", 400, seed=1)
+    part = SyntheticShapes("t2i", 400, seed=1, partial_captions=0.5)
+    forms, n_partial = set(), 0
+    for i in range(400):
+        a, b = full[i], part[i]
+        assert np.array_equal(np.asarray(a["image"]), np.asarray(b["image"]))  # same images as without
+        m = b["meta"]
+        assert (m["color"], m["shape"], m["position"]) in TRAIN_COMBOS
+        if b["caption"] == a["caption"]:
+            continue
+        n_partial += 1
+        words = b["caption"].split()
+        named = (m["color"] in words, m["shape"] in words, m["position"] in words)
+        assert 0 < sum(named) < 3, b["caption"]
+        assert b["caption"].startswith("a ") and ("shape" in words) == (not named[1])
+        forms.add(named)
+    assert 150 < n_partial < 250 and len(forms) == 6  # about half, every kind of subset
+    assert part[17]["caption"] == SyntheticShapes("t2i", 400, seed=1, partial_captions=0.5)[17]["caption"]
+    with pytest.raises(omnicore.ParamError, match="partial_captions"):
+        SyntheticShapes("t2i", 5, partial_captions=1.5)
+    with pytest.raises(omnicore.ParamError, match="partial_captions"):
+        SyntheticShapes("mmu", 5, partial_captions=0.3)
+
+
 def test_sample_formats():
     t = SyntheticShapes("t2i", 30, image_size=32)
     for i in range(30):

@@ -44,8 +44,15 @@ QUESTIONS: dict[str, str] = {
 }
 
 
-def caption_for(color: str, shape: str, position: str) -> str:
-    return f"a {color} {shape} on the {position}"
+def caption_for(color: str | None, shape: str | None, position: str | None) -> str:
+    """The caption naming the given attributes; ``None`` leaves one unnamed ("a green shape on the left")."""
+    text = " ".join(w for w in ("a", color, shape or "shape") if w)
+    return text + (f" on the {position}" if position else "")
+
+
+# The attributes a partial caption names: every non-empty proper subset of (colour, shape, position).
+PARTIAL_SUBSETS: tuple[tuple[bool, bool, bool], ...] = tuple(
+    (c, s, p) for c in (True, False) for s in (True, False) for p in (True, False) if 0 < c + s + p < 3)
 
 
 def _as_rng(rng: random.Random | int | None) -> random.Random | None:
@@ -104,7 +111,7 @@ class SyntheticShapes(Dataset):
     """One coloured shape on white: MMU questions about it, or its caption for T2I."""
 
     def __init__(self, task: str, size: int, split: str = "train", image_size: int = 32, seed: int = 0,
-                 questions_per_sample: int = 1) -> None:
+                 questions_per_sample: int = 1, partial_captions: float = 0.0) -> None:
         if task not in ("mmu", "t2i"):
             raise ParamError(f"synthetic_shapes: task must be 'mmu' or 't2i', got {task!r}")
         if split not in SPLITS:
@@ -115,8 +122,13 @@ class SyntheticShapes(Dataset):
             raise ParamError(f"synthetic_shapes: image_size must be at least 8, got {image_size}")
         if questions_per_sample not in (1, 2, 3):
             raise ParamError(f"synthetic_shapes: questions_per_sample must be 1, 2 or 3, got {questions_per_sample!r}")
+        if not 0.0 <= float(partial_captions) <= 1.0:
+            raise ParamError(f"synthetic_shapes: partial_captions must be a probability in [0, 1], got {partial_captions!r}")
+        if partial_captions and task != "t2i":
+            raise ParamError("synthetic_shapes: partial_captions applies to task 't2i' only")
         self.task, self.split, self.size = task, split, int(size)
         self.image_size, self.seed, self.questions_per_sample = int(image_size), int(seed), int(questions_per_sample)
+        self.partial_captions = float(partial_captions)
         self.combos = SPLITS[split]
 
     def __len__(self) -> int:
@@ -145,8 +157,12 @@ class SyntheticShapes(Dataset):
         image = render(color, shape, position, self.image_size, rng)
         meta = {"color": color, "shape": shape, "position": position, "split": self.split, "index": index}
         if self.task == "t2i":
-            return {"task": "t2i", "caption": caption_for(color, shape, position), "image": image, "codes": None,
-                    "meta": meta}
+            caption = caption_for(color, shape, position)
+            # drawn after rendering, so the images (and full captions) of a seed do not depend on this setting
+            if self.partial_captions and rng.random() < self.partial_captions:
+                named = rng.choice(PARTIAL_SUBSETS)
+                caption = caption_for(*(a if keep else None for a, keep in zip((color, shape, position), named)))
+            return {"task": "t2i", "caption": caption, "image": image, "codes": None, "meta": meta}
         answers = {"color": color, "shape": shape, "position": position}
         # random order, also for all three: a fixed order would let a model answer by turn number
         keys = rng.sample(list(QUESTIONS), self.questions_per_sample)
@@ -162,7 +178,12 @@ class SyntheticShapes(Dataset):
 
 def build_synthetic_shapes(task: Literal["mmu", "t2i"], size: int, split: Literal["train", "heldout"] = "train",
                            image_size: int = 32, seed: int = 0,
-                           questions_per_sample: Literal[1, 2, 3] = 1) -> SyntheticShapes:
-    """Synthetic coloured shapes (MMU questions or T2I captions) with held-out attribute combinations."""
+                           questions_per_sample: Literal[1, 2, 3] = 1,
+                           partial_captions: float = 0.0) -> SyntheticShapes:
+    """Synthetic coloured shapes (MMU questions or T2I captions) with held-out attribute combinations.
+
+    ``partial_captions``: the probability that a T2I sample's caption names only some of its attributes
+    ("a green shape", "a square on the left"); the image is always a training combination.
+    """
     return SyntheticShapes(task=task, size=size, split=split, image_size=image_size, seed=seed,
-                           questions_per_sample=questions_per_sample)
+                           questions_per_sample=questions_per_sample, partial_captions=partial_captions)
