@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from omnicore.generation.sampling import (Sampling, apply_repetition_penalty, filter_logits, mark_seen, next_token,
-                                         pick_token)
+                                         pick_guided, pick_token)
 
 
 def test_greedy_is_argmax_and_ignores_seed():
@@ -83,3 +83,15 @@ def test_seeded_sampling_repeats():
 def test_unknown_option_is_rejected():
     with pytest.raises(TypeError, match="unknown sampling option.*topk"):
         Sampling.from_kwargs(topk=3)
+
+
+def test_guided_pick_mixes_conditional_and_unconditional_logits():
+    # the engine's classifier-free guidance: uncond + scale * (cond - uncond), then the usual rule (on CUDA the mix
+    # is fused into the Triton sampler, tests/gpu/test_fast_kernels.py)
+    torch.manual_seed(0)
+    cond, uncond, noise = torch.randn(4, 64), torch.randn(4, 64), torch.rand(4, 64)
+    s = Sampling(temperature=0.9, top_k=10)
+    for scale in (0.0, 1.0, 3.0):
+        assert torch.equal(pick_guided(cond, uncond, scale, s, noise),
+                           pick_token(uncond + scale * (cond - uncond), s, noise))
+    assert torch.equal(pick_guided(cond, uncond, 0.0, s, noise), pick_token(uncond, s, noise))

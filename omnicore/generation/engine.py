@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 import torch
 
 from .graphs import GraphedStep, graphs_enabled
-from .sampling import Sampling, mark_seen, pick_token
+from .sampling import Sampling, mark_seen, pick_guided, pick_token
 
 
 def _state(model, batch: int, max_len: int):
@@ -134,8 +134,10 @@ def generate_codes(model, captions: list[str | None], guidance_scale: float = 1.
 
     def sample() -> torch.Tensor:
         logits = ses.logits
-        mixed = logits[B:] + guidance_scale * (logits[:B] - logits[B:]) if guided else logits
-        code = pick_token(mixed, s, ses.noise, ses.seen)
+        if guided:
+            code = pick_guided(logits[:B], logits[B:], guidance_scale, s, ses.noise, ses.seen)
+        else:
+            code = pick_token(logits, s, ses.noise, ses.seen)
         ses.out.index_copy_(1, ses.t, code[:, None])
         mark_seen(ses.seen, code)
         return code

@@ -6,6 +6,12 @@ from dataclasses import dataclass
 
 import torch
 
+from . import triton_sampling
+
+# CUDA: sample with the fused Triton kernel (triton_sampling.py) where the rule allows it (temperature and top-k,
+# no top-p, min-p or repetition penalty); False keeps the PyTorch sampler everywhere (the reference).
+FUSED_SAMPLER = True
+
 
 @dataclass
 class Sampling:
@@ -83,12 +89,30 @@ def pick_token(logits: torch.Tensor, s: Sampling, noise: torch.Tensor | None = N
     restricted to what the filters keep. It needs no host synchronisation and reads its randomness from a
     buffer, so the whole step (sampling included) can be replayed as one CUDA graph.
     """
+    if _fused(logits, s, noise, seen):
+        return triton_sampling.topk_gumbel(logits, noise, s.temperature, s.top_k)
     logits = apply_repetition_penalty(logits.float(), seen, s.repetition_penalty)
     if s.is_greedy:
         return logits.argmax(-1)
     logits = filter_logits(logits / s.temperature, s.top_k, s.top_p, s.min_p)
     gumbel = -torch.log(-torch.log(noise.clamp(min=1e-20)))
     return (logits + gumbel).argmax(-1)
+
+
+def _fused(logits: torch.Tensor, s: Sampling, noise: torch.Tensor | None, seen: torch.Tensor | None) -> bool:
+    return (FUSED_SAMPLER and noise is not None and not s.is_greedy and s.top_p is None and not s.min_p
+            and (seen is None or s.repetition_penalty == 1.0) and triton_sampling.supported(logits, s.top_k)
+            and noise.dtype == torch.float32 and noise.shape == logits.shape and noise.stride(-1) == 1
+            and logits.stride(-1) == 1)
+
+
+def pick_guided(cond: torch.Tensor, uncond: torch.Tensor, scale: float, s: Sampling,
+                noise: torch.Tensor | None = None, seen: torch.Tensor | None = None) -> torch.Tensor:
+    """Classifier-free guidance: ``pick_token(uncond + scale * (cond - uncond))``, the mixing fused into the sampler
+    on CUDA."""
+    if _fused(cond, s, noise, seen) and uncond.shape == cond.shape and uncond.stride(-1) == 1:
+        return triton_sampling.topk_gumbel(cond, noise, s.temperature, s.top_k, uncond, scale)
+    return pick_token(uncond + scale * (cond - uncond), s, noise, seen)
 
 
 def next_token(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None = None,

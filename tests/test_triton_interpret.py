@@ -1,0 +1,48 @@
+"""The Triton decode kernels written for CUDA (the fused top-k sampler) checked on the CPU with
+Triton's interpreter (TRITON_INTERPRET=1, in a subprocess, since it is read when kernels are defined)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+
+SCRIPT = textwrap.dedent("""
+    import torch
+    from omnicore.generation import triton_sampling
+    from omnicore.generation.sampling import Sampling, pick_token
+
+    torch.manual_seed(0)
+    # sampler: the same token as pick_token for the same noise, guided too, ties and -0.0 in the row
+    B, V, k = 4, 700, 37
+    x = torch.randn(B, V) * 3
+    x[0, :50] = x[0, 0]
+    x[1, :40] = -0.0
+    x[1, 40:80] = 0.0
+    u, n = torch.randn(B, V), torch.rand(B, V)
+    for T, kk in [(0.7, k), (1.0, 1), (1.3, None)]:
+        s = Sampling(temperature=T, top_k=kk)
+        assert torch.equal(triton_sampling.topk_gumbel(x, n, T, kk), pick_token(x, s, n))
+        assert torch.equal(triton_sampling.topk_gumbel(x, n, T, kk, u, 3.0), pick_token(u + 3.0 * (x - u), s, n))
+    # the kept set is exactly pick_token's (a huge Gumbel draw at j returns j exactly when j is kept)
+    row = torch.rand(V) * 2 - 1
+    row[:30] = torch.topk(row, k).values[-1]
+    noise = torch.full((V, V), 1e-30)
+    noise.fill_diagonal_(1 - 2 ** -24)
+    kept = triton_sampling.topk_gumbel(row[None].expand(V, V).contiguous(), noise, 1.0, k) == torch.arange(V)
+    assert torch.equal(kept, ~(row < torch.topk(row, k).values[-1]))
+
+    print("ok")
+""")
+
+
+def test_triton_decode_kernels_in_the_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
