@@ -7,6 +7,7 @@ import random
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageFilter
 
 import omnicore
@@ -72,6 +73,29 @@ def test_partial_captions_name_only_some_attributes_of_training_images():
         SyntheticShapes("t2i", 5, partial_captions=1.5)
     with pytest.raises(omnicore.ParamError, match="partial_captions"):
         SyntheticShapes("mmu", 5, partial_captions=0.3)
+
+
+def test_contrastive_pairs_match_partial_captions_to_every_image_they_describe():
+    from omnicore.training.trainer import _ImagesAndCaptions
+
+    tok = omnicore.create("text_tokenizer", "byte")
+    collate = _ImagesAndCaptions(lambda image: torch.zeros(3, 8, 8), tok, max_tokens=32)
+    ds = SyntheticShapes("t2i", 200, seed=3, partial_captions=0.6)
+    samples = [ds[i] for i in range(40)]
+    positive = collate(samples)["positive"]
+    for i, image in enumerate(samples):  # row: an image; column: a caption
+        m = image["meta"]
+        for j, cap in enumerate(samples):
+            words = cap["caption"].split()
+            true_of_image = all(w in (m["color"], m["shape"], m["position"]) for w in words
+                                if w in COLORS or w in SHAPES or w in POSITIONS)
+            assert bool(positive[i, j]) == true_of_image, (m, cap["caption"])
+    assert positive.sum() > positive.diagonal().sum() + 20  # partial captions match several images
+    # samples without tags: equal captions match, as before
+    plain = [{"image": None, "caption": c} for c in ("a b", "c", "a b")]
+    for s in plain:
+        s["image"] = Image.new("RGB", (8, 8))
+    assert collate(plain)["positive"].tolist() == [[True, False, True], [False, True, False], [True, False, True]]
 
 
 def test_sample_formats():

@@ -322,6 +322,16 @@ def run_vqgan_stage(model: UnifiedModel, stage: StageSpec, stage_index: int, ctx
     tokenizer.eval()
 
 
+def _describes(caption_sample: dict, image_sample: dict) -> bool:
+    """Whether ``caption_sample``'s caption is true of ``image_sample``'s image. Samples may carry ``tags`` (what is
+    true of the image) and ``caption_tags`` (what its caption claims, a subset when the caption is partial); then a
+    caption matches every image having all the tags it claims. Otherwise captions match images of equal captions."""
+    claimed, tags = caption_sample.get("caption_tags"), image_sample.get("tags")
+    if claimed is not None and tags is not None:
+        return set(claimed) <= set(tags)
+    return caption_sample["caption"] == image_sample["caption"]
+
+
 class _ImagesAndCaptions:
     """Collate samples with an ``image`` and a ``caption``: encoder pixels, padded caption ids, positive pairs."""
 
@@ -338,8 +348,7 @@ class _ImagesAndCaptions:
         for row, i in enumerate(ids):
             text[row, : len(i)] = torch.tensor(i, dtype=torch.long)
             mask[row, : len(i)] = True
-        captions = [s["caption"] for s in samples]
-        positive = torch.tensor([[a == b for b in captions] for a in captions])
+        positive = torch.tensor([[_describes(c, image) for c in samples] for image in samples])
         return {"pixels": torch.stack([self.transform(s["image"]) for s in samples]), "ids": text, "mask": mask,
                 "positive": positive}
 

@@ -157,12 +157,16 @@ class SyntheticShapes(Dataset):
         image = render(color, shape, position, self.image_size, rng)
         meta = {"color": color, "shape": shape, "position": position, "split": self.split, "index": index}
         if self.task == "t2i":
-            caption = caption_for(color, shape, position)
+            named = (True, True, True)
             # drawn after rendering, so the images (and full captions) of a seed do not depend on this setting
             if self.partial_captions and rng.random() < self.partial_captions:
                 named = rng.choice(PARTIAL_SUBSETS)
-                caption = caption_for(*(a if keep else None for a, keep in zip((color, shape, position), named)))
-            return {"task": "t2i", "caption": caption, "image": image, "codes": None, "meta": meta}
+            attrs = (color, shape, position)
+            tags = tuple(f"{k}={v}" for k, v in zip(("color", "shape", "position"), attrs))
+            # tags / caption_tags: which images a (partial) caption is true of, for contrastive pretraining
+            return {"task": "t2i", "caption": caption_for(*(a if keep else None for a, keep in zip(attrs, named))),
+                    "image": image, "codes": None, "meta": meta, "tags": tags,
+                    "caption_tags": tuple(t for t, keep in zip(tags, named) if keep)}
         answers = {"color": color, "shape": shape, "position": position}
         # random order, also for all three: a fixed order would let a model answer by turn number
         keys = rng.sample(list(QUESTIONS), self.questions_per_sample)
