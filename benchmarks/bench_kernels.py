@@ -13,28 +13,7 @@ import torch
 
 from omnicore.generation import triton_sampling
 from omnicore.generation.sampling import Sampling, pick_token
-
-
-def replay_ms(fn, reps: int = 20) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
-
-
-def graph_us(launch, k: int = 24) -> float:
-    launch(0)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(k):
-            launch(i)
-    return replay_ms(graph.replay) / k * 1e3
+from timing import graph_us, replay_ms  # benchmarks/timing.py (this script's folder is on sys.path)
 
 
 def bench_sampler(rows_list) -> None:

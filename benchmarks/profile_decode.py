@@ -17,6 +17,7 @@ from omnicore.generation.graphs import GraphedStep
 from omnicore.generation.sampling import Sampling, pick_token
 from omnicore.plugins.backbones import build_mamba2
 from omnicore.plugins.backbones.mamba2 import compiled_step, kernels
+from timing import graph_us, replay_ms  # benchmarks/timing.py (this script's folder is on sys.path)
 
 VARIANTS = {  # name -> (kernel, compile_decode, state update, conv update, merged LoRA weights for decoding,
     #                    smallest batch for the one-pass state update in the compiled step)
@@ -31,18 +32,6 @@ VARIANTS = {  # name -> (kernel, compile_decode, state update, conv update, merg
 }
 
 
-def replay_ms(fn, reps: int = 50) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
-
-
 def floor_ms(model, batch: int, bandwidth: float) -> float:
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     state = sum(c.ssm_state.numel() * c.ssm_state.element_size() for c in
@@ -55,18 +44,6 @@ def measure_bandwidth() -> float:
     b = torch.empty_like(a)
     ms = replay_ms(lambda: b.copy_(a), 20)
     return 2 * a.numel() / (ms / 1e3)
-
-
-def graph_us(launch, k: int = 24) -> float:
-    """Microseconds per call of ``launch(i)`` (i = 0..k-1), from replays of a CUDA graph of k back-to-back calls
-    (timing single eager launches measures the host's launch cost, not the kernel)."""
-    launch(0)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(k):
-            launch(i)
-    return replay_ms(graph.replay, 20) / k * 1e3
 
 
 def sweep(b: int, bw: float) -> None:
@@ -130,7 +107,7 @@ def main() -> None:
                 runner = GraphedStep(lambda: model(x, task="t2i", state=state), state.tensors(), True,
                                      torch.device("cuda"))
                 runner()
-                ms = replay_ms(runner)
+                ms = replay_ms(runner, 50)
                 if args.profile:
                     from torch.profiler import ProfilerActivity, profile
 
@@ -150,7 +127,7 @@ def main() -> None:
         s = Sampling(temperature=1.0, top_k=1000)
         runner = GraphedStep(lambda: out.copy_(pick_token(logits, s, noise)), [out], True, torch.device("cuda"))
         runner()
-        print(f"sampler top-k 1000     batch {b:4d}: {replay_ms(runner):7.3f} ms")
+        print(f"sampler top-k 1000     batch {b:4d}: {replay_ms(runner, 50):7.3f} ms")
 
 
 if __name__ == "__main__":

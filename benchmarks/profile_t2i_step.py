@@ -18,21 +18,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_generation import omni_model  # noqa: E402
+from timing import replay_ms  # noqa: E402
 
 from omnicore.generation import engine  # noqa: E402
 from omnicore.generation.sampling import Sampling, pick_token  # noqa: E402
-
-
-def replay_ms(fn, reps: int = 30) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 def graphed(fn):
@@ -80,7 +69,7 @@ def main() -> None:
             runner = ses.runner
             zero = torch.zeros_like(ses.t)  # the step counter goes back to 0 before each replay (index_copy bound)
             step_graph = replay_ms(lambda: (ses.t.copy_(zero), runner.graph.replay()))
-            reset = replay_ms(lambda: ses.t.copy_(zero))
+            reset = replay_ms(lambda: ses.t.copy_(zero), 30)
             step_graph -= reset
             step_host = replay_ms(lambda: (ses.t.copy_(zero), ses.refill_noise(), runner())) - reset
 
@@ -116,7 +105,7 @@ def main() -> None:
                 h_out = torch.zeros_like(e_out)
                 parts["backbone"] = graphed(lambda: h_out.copy_(model.backbone(e_out, task="t2i", state=ses.state)))
                 parts["head"] = graphed(lambda: ses.logits.copy_(model.heads["image"].logits(h_out[:, -1])))
-            times = {k: replay_ms(g.replay) for k, g in parts.items()}
+            times = {k: replay_ms(g.replay, 30) for k, g in parts.items()}
             print(f"{name}: generate {total:.4f} s; prefill {pre * 1e3:.2f} ms; step graph {step_graph:.3f} ms, "
                   f"with refill {step_host:.3f} ms; host loop 255 steps {loop_s:.4f} s "
                   f"({loop_s / 255 * 1e3:.3f} ms/step); parts: "
