@@ -4,7 +4,7 @@ At the 1.3B shape (bench_generation.omni_model: random weights, bf16, 72-token p
 top_k 1000) and each batch: the whole generate_codes call, the prefill, one replay of the captured step (graph
 alone and with the host's noise refill), the host loop of 256 steps, and each part of the step captured on its
 own (sampler, code embedding, backbone step, head); with --profile the heaviest kernels of a replayed step.
-Works on HEAD's engine too (for before/after in one run). Run: python benchmarks/profile_t2i_step.py [--batches 1,64]
+Works on HEAD's engine too (for before/after in one run). Run: python benchmarks/profile_t2i_step.py [--combos 1:1,64:1,64:3] [--profile]
 """
 
 from __future__ import annotations
