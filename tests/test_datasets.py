@@ -92,9 +92,7 @@ def test_contrastive_pairs_match_partial_captions_to_every_image_they_describe()
             assert bool(positive[i, j]) == true_of_image, (m, cap["caption"])
     assert positive.sum() > positive.diagonal().sum() + 20  # partial captions match several images
     # samples without tags: equal captions match, as before
-    plain = [{"image": None, "caption": c} for c in ("a b", "c", "a b")]
-    for s in plain:
-        s["image"] = Image.new("RGB", (8, 8))
+    plain = [{"image": Image.new("RGB", (8, 8)), "caption": c} for c in ("a b", "c", "a b")]
     assert collate(plain)["positive"].tolist() == [[True, False, True], [False, True, False], [True, False, True]]
 
 

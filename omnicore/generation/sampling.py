@@ -99,18 +99,19 @@ def pick_token(logits: torch.Tensor, s: Sampling, noise: torch.Tensor | None = N
     return (logits + gumbel).argmax(-1)
 
 
-def _fused(logits: torch.Tensor, s: Sampling, noise: torch.Tensor | None, seen: torch.Tensor | None) -> bool:
+def _fused(logits: torch.Tensor, s: Sampling, noise: torch.Tensor | None, seen: torch.Tensor | None,
+           uncond: torch.Tensor | None = None) -> bool:
+    """Whether the rule is one the Triton sampler implements and it can take these tensors."""
     return (FUSED_SAMPLER and noise is not None and not s.is_greedy and s.top_p is None and not s.min_p
-            and (seen is None or s.repetition_penalty == 1.0) and triton_sampling.supported(logits, s.top_k)
-            and noise.dtype == torch.float32 and noise.shape == logits.shape and noise.stride(-1) == 1
-            and logits.stride(-1) == 1)
+            and (seen is None or s.repetition_penalty == 1.0)
+            and triton_sampling.supported(logits, noise, s.top_k, uncond))
 
 
 def pick_guided(cond: torch.Tensor, uncond: torch.Tensor, scale: float, s: Sampling,
                 noise: torch.Tensor | None = None, seen: torch.Tensor | None = None) -> torch.Tensor:
     """Classifier-free guidance: ``pick_token(uncond + scale * (cond - uncond))``, the mixing fused into the sampler
     on CUDA."""
-    if _fused(cond, s, noise, seen) and uncond.shape == cond.shape and uncond.stride(-1) == 1:
+    if _fused(cond, s, noise, seen, uncond):
         return triton_sampling.topk_gumbel(cond, noise, s.temperature, s.top_k, uncond, scale)
     return pick_token(uncond + scale * (cond - uncond), s, noise, seen)
 

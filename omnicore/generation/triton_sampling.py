@@ -25,10 +25,23 @@ except ImportError:  # pragma: no cover - CPU machines without triton
 MAX_VOCAB = 32768  # one row in registers (32 values per thread at 32 warps)
 
 
-def supported(logits: torch.Tensor, top_k: int | None) -> bool:
-    """Whether the fused sampler can take these ``(B, V)`` logits (CUDA, triton, V up to MAX_VOCAB)."""
+def _layout_problem(logits: torch.Tensor, noise: torch.Tensor, uncond: torch.Tensor | None) -> str | None:
+    """Why the kernel cannot read these tensors as they are laid out, or None."""
+    if logits.dim() != 2 or noise.shape != logits.shape or noise.dtype != torch.float32:
+        return f"noise must be float32 {tuple(logits.shape)}, got {noise.dtype} {tuple(noise.shape)}"
+    if uncond is not None and uncond.shape != logits.shape:
+        return f"uncond {tuple(uncond.shape)} != logits {tuple(logits.shape)}"
+    if any(t.stride(-1) != 1 for t in (logits, noise, uncond) if t is not None):
+        return "rows must be contiguous"
+    return None
+
+
+def supported(logits: torch.Tensor, noise: torch.Tensor, top_k: int | None,
+              uncond: torch.Tensor | None = None) -> bool:
+    """Whether the fused sampler can take these ``(B, V)`` logits, noise and (guided) unconditional logits: CUDA,
+    triton, V up to MAX_VOCAB, the layout ``topk_gumbel`` needs."""
     return (triton is not None and logits.is_cuda and logits.dim() == 2 and 0 < logits.shape[-1] <= MAX_VOCAB
-            and (top_k is None or top_k >= 1))
+            and (top_k is None or top_k >= 1) and _layout_problem(logits, noise, uncond) is None)
 
 
 if triton is not None:
@@ -70,14 +83,10 @@ def topk_gumbel(logits: torch.Tensor, noise: torch.Tensor, temperature: float, t
     """``(B, V)`` logits -> ``(B,)`` int64 tokens: argmax over the top ``top_k`` of ``logits / temperature`` (after
     ``uncond + guidance_scale * (logits - uncond)`` when ``uncond`` is given) plus Gumbel noise made from ``noise``
     (uniform in [0, 1), float32, ``(B, V)``). Rows must have a unit last stride."""
+    problem = _layout_problem(logits, noise, uncond)
+    if problem is not None:
+        raise ValueError(f"topk_gumbel: {problem}")
     B, V = logits.shape
-    if noise.shape != (B, V) or noise.dtype != torch.float32:
-        raise ValueError(f"topk_gumbel: noise must be float32 {(B, V)}, got {noise.dtype} {tuple(noise.shape)}")
-    tensors = [logits, noise] + ([uncond] if uncond is not None else [])
-    if any(t.stride(-1) != 1 for t in tensors):
-        raise ValueError("topk_gumbel: rows must be contiguous")
-    if uncond is not None and uncond.shape != logits.shape:
-        raise ValueError(f"topk_gumbel: uncond {tuple(uncond.shape)} != logits {tuple(logits.shape)}")
     if out is None:
         out = torch.empty(B, dtype=torch.long, device=logits.device)
     block = triton.next_power_of_2(V)
