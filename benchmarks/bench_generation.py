@@ -17,6 +17,7 @@ import time
 import torch
 
 import omnicore
+from omnicore.generation import engine
 from omnicore.generation.engine import clear_decode_cache, generate_codes, generate_text
 from omnicore.generation.sampling import Sampling
 from omnicore.model.unified import build_from_spec
@@ -79,13 +80,20 @@ def llama(vocab: int):
     return LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
 
 
-def bench_t2i(model, batches, quick: bool, name: str) -> None:
+def bench_t2i(model, batches, quick: bool, name: str, ablate_prefill: bool = False) -> None:
     caption = "x" * 68  # 68 caption tokens: a 72-token prefix with the 4 specials
     s = Sampling(temperature=1.0, top_k=1000)
     for b in batches:
         for scale in (1.0, 3.0):
             sec, peak = timed(lambda: generate_codes(model, [caption] * b, scale, s), 1 if quick else 3)
             record(name, f"t2i 72+256 cfg={scale:g}", b, sec, b, "images/s", peak)
+        if ablate_prefill:  # the same job with the prefill run eagerly (before it was captured)
+            engine.GRAPH_PREFILL = False
+            clear_decode_cache(model)
+            sec, peak = timed(lambda: generate_codes(model, [caption] * b, 1.0, s), 1 if quick else 3)
+            record(name, "t2i cfg=1, eager prefill", b, sec, b, "images/s", peak)
+            engine.GRAPH_PREFILL = True
+            clear_decode_cache(model)
 
 
 def bench_llama_t2i(batches, quick: bool) -> None:
@@ -166,6 +174,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer repeats and sizes")
     ap.add_argument("--jobs", default="t2i,mmu,long,llama", help="comma-separated: t2i, mmu, long, llama")
     ap.add_argument("--variants", default="graph,compiled", help="omnicore decode variants: graph, compiled")
+    ap.add_argument("--ablate-prefill", action="store_true", help="also time T2I with the prefill run eagerly")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     jobs = set(args.jobs.split(","))
@@ -176,7 +185,7 @@ def main() -> None:
     for variant in variants if "t2i" in jobs or "mmu" in jobs else []:
         model = omni_model(compile_decode=VARIANTS[variant])
         if "t2i" in jobs:
-            bench_t2i(model, batches, args.quick, label(variant))
+            bench_t2i(model, batches, args.quick, label(variant), args.ablate_prefill)
         if "mmu" in jobs:
             bench_mmu(model, 1, label(variant))
         del model
