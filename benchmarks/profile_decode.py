@@ -29,7 +29,9 @@ VARIANTS = {  # name -> (kernel, compile_decode, state update, conv update, merg
     "compiled+triton ssu from 1": ("auto", True, "triton", "triton", True, 1),
     "compiled+mamba_ssm ssu": ("auto", True, "mamba_ssm", "triton", True, 8),
     "compiled+torch ssu": ("torch", True, None, "triton", True, 8),
+    "compiled dt/A apart": ("auto", True, "triton", "triton", True, 8),  # the default before FUSE_DT_A
 }
+UNFUSED_DT_A = {"compiled dt/A apart"}  # variants with dt's softplus and -exp(A_log) outside the state update
 
 
 def floor_ms(model, batch: int, bandwidth: float) -> float:
@@ -95,6 +97,7 @@ def main() -> None:
         compiled_step.KERNEL_MIN_BATCH = ssu_min_batch
         kernels.STATE_UPDATE_IMPL = impl or kernels.STATE_UPDATE_IMPL
         kernels.CONV_UPDATE_IMPL = conv
+        kernels.FUSE_DT_A = name not in UNFUSED_DT_A
         for block in model.layers:
             block.mixer.kernel = kernel
         model.compile_decode = compiled

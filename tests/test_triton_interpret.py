@@ -1,5 +1,5 @@
-"""The Triton decode kernels written for CUDA (the fused top-k sampler) checked on the CPU with
-Triton's interpreter (TRITON_INTERPRET=1, in a subprocess, since it is read when kernels are defined)."""
+"""The Triton decode kernels written for CUDA (the fused top-k sampler, the one-pass SSM state update) checked on
+the CPU with Triton's interpreter (TRITON_INTERPRET=1, in a subprocess, since it is read when kernels are defined)."""
 
 from __future__ import annotations
 
@@ -37,6 +37,32 @@ SCRIPT = textwrap.dedent("""
     noise.fill_diagonal_(1 - 2 ** -24)
     kept = triton_sampling.topk_gumbel(row[None].expand(V, V).contiguous(), noise, 1.0, k) == torch.arange(V)
     assert torch.equal(kept, ~(row < torch.topk(row, k).values[-1]))
+
+    # state update: plain, and with dt's softplus (+ dt_limit clamp) and A = -exp(A_log) done in the kernel, against
+    # the PyTorch step in float64; dt given as the strided last columns of a wider in_proj output
+    import torch.nn.functional as F
+    from omnicore.plugins.backbones.mamba2 import triton_step
+    from omnicore.plugins.backbones.mamba2.ssd import ssd_step
+    b, h, p, n, g = 3, 4, 8, 16, 2
+    state = torch.randn(b, h, p, n)
+    x, B_, C_ = torch.randn(b, h, p), torch.randn(b, g, n), torch.randn(b, g, n)
+    wide = torch.randn(b, 40)
+    dt_raw, dt_bias = wide[:, -h:], torch.tensor([-30.0, -4.0, 0.5, 25.0])
+    A_log, D = torch.randn(h), torch.randn(h)
+    for limit in [(0.0, float("inf")), (1e-3, 0.5)]:
+        dt = F.softplus(dt_raw.double() + dt_bias.double()).clamp(*limit)
+        A = -torch.exp(A_log.double())
+        ref_state = state.double()
+        ref_y = ssd_step(ref_state, x.double(), dt, A, B_.double(), C_.double(), D.double())
+        for fused in (False, True):
+            st = state.clone()
+            if fused:
+                y = triton_step.state_update(st, x, dt_raw, A_log, B_, C_, D, block_p=4, dt_bias=dt_bias,
+                                             dt_limit=limit, a_is_log=True)
+            else:
+                y = triton_step.state_update(st, x, dt.float(), A.float(), B_, C_, D, block_p=4)
+            assert torch.allclose(y.double(), ref_y, rtol=1e-4, atol=1e-4), (limit, fused)
+            assert torch.allclose(st.double(), ref_state, rtol=1e-4, atol=1e-4), (limit, fused)
 
     print("ok")
 """)

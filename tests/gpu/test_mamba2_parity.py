@@ -10,6 +10,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from omnicore.plugins.backbones import build_mamba2
 from omnicore.plugins.backbones.mamba2 import kernels
@@ -201,8 +202,20 @@ def test_state_update_kernels_match_the_pytorch_step(impl, dtype):
             D = torch.randn(h, p, **kw) if d_hdim else torch.randn(h, **kw)
             ref_state = state.double()
             ref_y = ssd_step(ref_state, x.double(), dt.double(), A.double(), B.double(), C.double(), D.double())
+            raw_state = state.clone()
             y = kernels.state_update(state, x, dt, A, B, C, D)
             report(f"state update {impl} y {(b, h, p, n, g)}", rel(y, ref_y), dtype)
             report(f"state update {impl} state {(b, h, p, n, g)}", rel(state, ref_state), dtype)
+            if impl == "triton":  # dt's softplus and A = -exp(A_log) in the kernel, dt a strided slice
+                dt_bias = torch.randn(h, device="cuda")
+                dt_raw = torch.cat([torch.randn(b, 7, device="cuda", dtype=dtype),
+                                    torch.log(torch.expm1(dt)).to(dtype) - dt_bias.to(dtype)], 1)[:, 7:]
+                A_log = torch.log(-A).to(dtype)
+                ref = raw_state.double()
+                ref_y = ssd_step(ref, x.double(), F.softplus(dt_raw.double() + dt_bias.double()),
+                                 -torch.exp(A_log.double()), B.double(), C.double(), D.double())
+                y = kernels.state_update_raw(raw_state, x, dt_raw, dt_bias, A_log, B, C, D, 0.0, float("inf"))
+                report(f"state update raw y {(b, h, p, n, g)}", rel(y, ref_y), dtype)
+                report(f"state update raw state {(b, h, p, n, g)}", rel(raw_state, ref), dtype)
     finally:
         kernels.STATE_UPDATE_IMPL = old

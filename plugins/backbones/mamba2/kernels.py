@@ -164,6 +164,32 @@ def _(state, x, dt, A, B, C, D):
     return torch.empty_like(x)
 
 
+# Whether the one-pass Triton state update also takes dt before its softplus and A as A_log (state_update_raw),
+# so the compiled step has no separate element-wise kernels for them. benchmarks/profile_decode.py compares.
+FUSE_DT_A = True
+
+
+def fuses_dt_a() -> bool:
+    return FUSE_DT_A and STATE_UPDATE_IMPL == "triton"
+
+
+@torch.library.custom_op("omnicore::mamba2_state_update_raw", mutates_args=("state",))
+def state_update_raw(state: torch.Tensor, x: torch.Tensor, dt_raw: torch.Tensor, dt_bias: torch.Tensor,
+                     A_log: torch.Tensor, B: torch.Tensor, C: torch.Tensor, D: torch.Tensor, dt_lo: float,
+                     dt_hi: float) -> torch.Tensor:
+    """``state_update`` with dt = clamp(softplus(dt_raw + dt_bias), dt_lo, dt_hi) and A = -exp(A_log) computed in
+    the kernel (the Triton one-pass kernel only)."""
+    from .triton_step import state_update as triton_state_update
+
+    return triton_state_update(state, x, dt_raw, A_log, B, C, D, dt_bias=dt_bias, dt_limit=(dt_lo, dt_hi),
+                               a_is_log=True)
+
+
+@state_update_raw.register_fake
+def _(state, x, dt_raw, dt_bias, A_log, B, C, D, dt_lo, dt_hi):
+    return torch.empty_like(x)
+
+
 # The decode step's conv-state shift + depthwise conv + SiLU: "triton" (one pass over the state, triton_step.py)
 # or "torch" (the PyTorch step: window built, copied back, read again). benchmarks/profile_decode.py compares them.
 CONV_UPDATE_IMPL = "triton"

@@ -152,8 +152,10 @@ class Mamba2(nn.Module):
             zxbcdt = self.in_proj(u[:, 0])
         else:
             zxbcdt = F.linear(u[:, 0], in_proj_weight, getattr(self.in_proj, "base_layer", self.in_proj).bias)
-        z, xBC, dt = self._split(zxbcdt)
-        dt = self._dt(dt)
+        z, xBC, dt_raw = self._split(zxbcdt)
+        # the one-pass Triton state update can apply dt's softplus and A = -exp(A_log) itself (kernels.FUSE_DT_A)
+        raw = ops is not None and mask is None and kernels.fuses_dt_a()
+        dt = None if raw else self._dt(dt_raw)
         if conv_kernel is None:  # the kernel has no backward: never while recording gradients
             conv_kernel = not torch.is_grad_enabled() and kernels.conv_kernel_ok(cache.conv_state)
         if conv_kernel and mask is None:
@@ -178,8 +180,12 @@ class Mamba2(nn.Module):
         x = x.reshape(b, self.nheads, self.headdim)
         B = B.reshape(b, self.ngroups, self.d_state)
         C = C.reshape(b, self.ngroups, self.d_state)
-        A = -torch.exp(_up(self.A_log))
         D = self.D.reshape(self.nheads, self.headdim) if self.D_has_hdim else self.D
+        if raw:
+            y = kernels.state_update_raw(cache.ssm_state, x, dt_raw, self.dt_bias, self.A_log, B, C, D,
+                                         float(self.dt_limit[0]), float(self.dt_limit[1]))
+            return self._out(y.reshape(b, 1, self.d_inner), z[:, None])
+        A = -torch.exp(_up(self.A_log))
         if ops is not None:
             y = kernels.state_update(cache.ssm_state, x, dt, A, B, C, D)
         else:
