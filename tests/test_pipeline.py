@@ -145,6 +145,53 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
+def _checkpoint_weights(run: Path, name: str) -> dict:
+    from omnicore.training.checkpoint import load_state_dict_file
+
+    return load_state_dict_file(run / "checkpoints" / name / "model.safetensors")
+
+
+def test_ema_stage_saves_the_average_of_its_weights(tmp_path):
+    """With ``ema`` the saved model holds the (bias-corrected) moving average of the stage's weights after each step,
+    not the last step's weights. The trajectory comes from the same run without ema (a checkpoint every step; the
+    average changes nothing else); untrained weights stay those of the previous stage's final checkpoint."""
+    decay, steps = 0.6, 4
+    plain = TINY + ["~evaluation", "stages.stage2_unified.checkpoint_every=1", "stages.stage2_unified.schedule.kind=constant"]
+    run_recipe("quickstart", plain, run_dir=tmp_path / "plain", console=quiet())
+    run_recipe("quickstart", plain + [f"stages.stage2_unified.ema={decay}"], run_dir=tmp_path / "ema",
+               console=quiet())
+    trajectory = [_checkpoint_weights(tmp_path / "plain", "03-stage1_t2i-step0000003")]
+    trajectory += [_checkpoint_weights(tmp_path / "plain", f"04-stage2_unified-step{n:07d}") for n in range(1, steps + 1)]
+    average = {k: torch.zeros_like(v) for k, v in trajectory[0].items()}
+    for n, weights in enumerate(trajectory[1:], start=1):  # the weights after each step, the last weighted most
+        for k in average:
+            average[k] += (1 - decay) * decay ** (steps - n) * weights[k]
+    average = {k: v / (1 - decay ** steps) for k, v in average.items()}
+    saved, last = _final_state(tmp_path / "ema"), _final_state(tmp_path / "plain")
+    trained = [k for k in saved if not torch.equal(trajectory[0][k], trajectory[-1][k])]
+    assert any(k.startswith("backbone.") for k in trained)  # stage 2 trains the backbone
+    for k in saved:
+        assert torch.allclose(saved[k], average[k], atol=1e-6), k
+    # not the last step's weights: a clear part of how far the stage moved them
+    moved = max(float((trajectory[-1][k] - trajectory[0][k]).abs().max()) for k in trained)
+    assert max(float((saved[k] - last[k]).abs().max()) for k in trained) > 0.05 * moved
+    # the stage's final checkpoint holds the average too (a resumed run continues from it)
+    final = _checkpoint_weights(tmp_path / "ema", f"04-stage2_unified-step{steps:07d}")
+    assert all(torch.equal(final[k], saved[k]) for k in saved)
+
+
+def test_interrupted_ema_stage_resumes_to_the_same_average(tmp_path):
+    overrides = TINY + ["stages.stage2_unified.steps=6", "stages.stage2_unified.checkpoint_every=2",
+                        "stages.stage2_unified.ema=0.9", "~evaluation"]
+    full = run_recipe("quickstart", overrides, run_dir=tmp_path / "full", console=quiet())
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe("quickstart", overrides, run_dir=tmp_path / "cut", console=quiet(), stop_after_step=4)
+    run_recipe("quickstart", overrides, run_dir=tmp_path / "cut", resume=True, console=quiet())
+    a, b = _final_state(full), _final_state(tmp_path / "cut")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
 def test_killed_process_resumes_to_the_final_step(tmp_path):
     """SIGKILL a real run once a checkpoint exists; --resume finishes every stage."""
     run = tmp_path / "run"

@@ -123,6 +123,15 @@ def test_overrides_set_delete_and_address_stages_by_name(tmp_path):
     assert r.stages[0].optimizer.betas == (0.8, 0.9)
 
 
+def test_ema_is_a_stage_option_with_a_decay_below_one(tmp_path):
+    path = write(tmp_path, "r.yaml", BASE)
+    r = load_recipe(path, ["stages.second.ema=0.99"]).recipe
+    assert r.stages[1].ema == 0.99 and r.stages[0].ema is None  # off unless asked for
+    for bad in ("1.0", "0", "-0.5"):
+        with pytest.raises(RecipeError, match=r"stages\.1\.ema: Input should be (less|greater) than"):
+            load_recipe(path, [f"stages.second.ema={bad}"])
+
+
 @pytest.mark.parametrize("override, message", [
     ("stages.second.steps=many", "override 'stages.second.steps=many': stages.1.steps: Input should be a valid integer"),
     ("stages.third.steps=1", "no list item named 'third'; names: first, second"),

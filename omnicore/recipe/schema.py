@@ -95,6 +95,10 @@ class StageSpec(Strict):
     gradient_checkpointing: bool = False
     distributed: Literal["ddp", "fsdp"] = "ddp"  # used when launched with several processes
     caption_dropout: float = Field(0.0, ge=0, le=1)
+    # decay of an exponential moving average of the trained weights (e.g. 0.99: about the last 100 steps), which
+    # replaces them at the stage's end, so later stages, the saved model and the evaluation use the average;
+    # None: the last step's weights (omnicore.training.ema)
+    ema: Optional[float] = Field(None, gt=0, lt=1)
     # T2I images encoded once at the stage start instead of at every draw; None: when the image tokenizer is
     # frozen and the stage draws at least as many samples as the dataset holds
     cache_codes: Optional[bool] = None

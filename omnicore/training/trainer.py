@@ -1,7 +1,8 @@
 """Running training stages: unified (MMU/T2I with task adapters) and vqgan (the image tokenizer).
 
 Each stage: freeze all but what it lists, AdamW with warm-up + cosine, gradient clipping and accumulation,
-bf16 autocast on GPU (fp32 on CPU), periodic atomic checkpoints with optimizer, RNG and data position.
+bf16 autocast on GPU (fp32 on CPU), periodic atomic checkpoints with optimizer, RNG and data position, and
+optionally (``ema``) an exponential moving average of the trained weights that replaces them at the stage's end.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from .checkpoint import save_checkpoint
 from .code_cache import WithCodes, encode_dataset, worth_caching
 from .data import MMUCollator, T2ICollator, image_to_tensor, make_loader
 from .distributed import DistInfo, average_gradients, mean_across, wrap_model
+from .ema import ParamEMA
 from .freeze import apply_trainable
 from .metrics import MetricsWriter
 from .schedule import lr_factor
@@ -112,8 +114,15 @@ def _set_train_modes(model: torch.nn.Module) -> None:
 def _run_loop(*, stage: StageSpec, stage_index: int, ctx: RunContext, model: torch.nn.Module,
               trainable: list[torch.nn.Parameter], step_fn: Callable[[int], dict[str, float]],
               data_positions: Callable[[], dict[str, int]], start_step: int,
-              optimizer: torch.optim.Optimizer) -> None:
-    """The shared step loop: schedule, clip, step, log, checkpoint."""
+              optimizer: torch.optim.Optimizer, resume: dict[str, Any] | None = None) -> None:
+    """The shared step loop: schedule, clip, step, EMA, log, checkpoint."""
+    ema = None
+    if stage.ema is not None:
+        if ctx.dist.enabled and stage.distributed == "fsdp":
+            raise OmnicoreError(f"stage {stage.name!r}: ema is not supported with distributed: fsdp")
+        ema = ParamEMA(trainable, stage.ema)
+        if resume and resume.get("ema"):
+            ema.load_state_dict(resume["ema"])
     base_lrs = [stage.optimizer.lr for _ in optimizer.param_groups]  # not the groups: a resumed optimizer holds a decayed lr
     ckpt_every = stage.checkpoint_every
     with _progress(ctx.console, ctx.dist.is_main) as progress:
@@ -130,6 +139,8 @@ def _run_loop(*, stage: StageSpec, stage_index: int, ctx: RunContext, model: tor
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, stage.grad_clip))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update()
             done = step + 1
             if any(not math.isfinite(v) for v in losses.values()):
                 raise OmnicoreError(f"stage {stage.name!r}: loss became non-finite at step {done}: {losses}")
@@ -144,8 +155,11 @@ def _run_loop(*, stage: StageSpec, stage_index: int, ctx: RunContext, model: tor
                 progress.update(bar, info=" ".join(f"{k} {v:.4f}" for k, v in losses.items()))
             progress.update(bar, completed=done)
             final = done == stage.steps
+            if final and ema is not None:
+                ema.copy_to_params()  # the stage's result is the average
             if final or (ckpt_every and done % ckpt_every == 0):
-                _checkpoint(ctx, model, stage, stage_index, done, optimizer, data_positions(), final)
+                _checkpoint(ctx, model, stage, stage_index, done, optimizer, data_positions(), final,
+                            ema.state_dict() if ema is not None and not final else None)
             if ctx.stop_after_step is not None and done >= ctx.stop_after_step and not final:
                 raise KeyboardInterrupt(f"stopped after step {done} (test hook)")
 
@@ -155,7 +169,7 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _checkpoint(ctx: RunContext, model, stage: StageSpec, stage_index: int, step: int, optimizer,
-                positions: dict[str, int], done: bool) -> None:
+                positions: dict[str, int], done: bool, ema_state: dict[str, Any] | None = None) -> None:
     state = _unwrap(model).state_dict()
     if ctx.dist.enabled and stage.distributed == "fsdp":
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, StateDictOptions
@@ -165,6 +179,8 @@ def _checkpoint(ctx: RunContext, model, stage: StageSpec, stage_index: int, step
         trainer_state = {"stage_index": stage_index, "stage": stage.name, "step": step, "done": done,
                          "optimizer": optimizer.state_dict() if not done else {}, "rng": capture_rng(),
                          "data_positions": positions}
+        if ema_state is not None:  # mid-stage: the model state holds the raw weights, this their average
+            trainer_state["ema"] = ema_state
         save_checkpoint(ctx.checkpoint_root, f"{stage_index:02d}-{stage.name}-step{step:07d}", state, trainer_state)
     from .distributed import barrier
 
@@ -229,7 +245,8 @@ def run_unified_stage(model: UnifiedModel, stage: StageSpec, stage_index: int, c
         return sums
 
     _run_loop(stage=stage, stage_index=stage_index, ctx=ctx, model=wrapped, trainable=trainable, step_fn=step_fn,
-              data_positions=lambda: dict(consumed), start_step=start_step, optimizer=optimizer)
+              data_positions=lambda: dict(consumed), start_step=start_step, optimizer=optimizer,
+              resume=resume)
     if hasattr(model.backbone, "gradient_checkpointing"):
         model.backbone.gradient_checkpointing = False
 
@@ -316,7 +333,8 @@ def run_vqgan_stage(model: UnifiedModel, stage: StageSpec, stage_index: int, ctx
         return sums
 
     _run_loop(stage=stage, stage_index=stage_index, ctx=ctx, model=model, trainable=trainable, step_fn=step_fn,
-              data_positions=lambda: dict(consumed), start_step=start_step, optimizer=optimizer)
+              data_positions=lambda: dict(consumed), start_step=start_step, optimizer=optimizer,
+              resume=resume)
     for p in tokenizer.parameters():
         p.requires_grad_(False)
     tokenizer.eval()
@@ -382,7 +400,8 @@ def run_contrastive_stage(model: UnifiedModel, stage: StageSpec, stage_index: in
         return {"contrastive": total}
 
     _run_loop(stage=stage, stage_index=stage_index, ctx=ctx, model=model, trainable=trainable, step_fn=step_fn,
-              data_positions=lambda: dict(consumed), start_step=start_step, optimizer=optimizer)
+              data_positions=lambda: dict(consumed), start_step=start_step, optimizer=optimizer,
+              resume=resume)
     for p in trainable:
         p.requires_grad_(False)
     model.encoder.eval()
