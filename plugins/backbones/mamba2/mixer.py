@@ -184,10 +184,8 @@ class Mamba2(nn.Module):
         if raw:
             y = kernels.state_update_raw(cache.ssm_state, x, dt_raw, self.dt_bias, self.A_log, B, C, D,
                                          float(self.dt_limit[0]), float(self.dt_limit[1]))
-            return self._out(y.reshape(b, 1, self.d_inner), z[:, None])
-        A = -torch.exp(_up(self.A_log))
-        if ops is not None:
-            y = kernels.state_update(cache.ssm_state, x, dt, A, B, C, D)
         else:
-            y = ssd_step(cache.ssm_state, x, dt, A, B, C, D)
+            A = -torch.exp(_up(self.A_log))
+            step = kernels.state_update if ops is not None else ssd_step
+            y = step(cache.ssm_state, x, dt, A, B, C, D)
         return self._out(y.reshape(b, 1, self.d_inner), z[:, None])
