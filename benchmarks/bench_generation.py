@@ -21,6 +21,7 @@ from omnicore.generation import engine
 from omnicore.generation.engine import clear_decode_cache, generate_codes, generate_text
 from omnicore.generation.sampling import Sampling
 from omnicore.model.unified import build_from_spec
+from omnicore.plugins.backbones.mamba2 import compiled_step, kernels
 
 ROWS: list[dict] = []
 
@@ -43,7 +44,7 @@ def timed(fn, repeat: int = 3) -> tuple[float, float]:
 def record(model: str, job: str, batch: int, seconds: float, units: float, unit: str, peak: float) -> None:
     row = dict(model=model, job=job, batch=batch, seconds=seconds, rate=units / seconds, unit=unit, peak=peak)
     ROWS.append(row)
-    print(f"{model:34s} {job:28s} {batch:4d} {seconds:9.3f}s {units / seconds:10.2f} {unit:9s} {peak:7.2f} GiB", flush=True)
+    print(f"{model:34s} {job:40s} {batch:4d} {seconds:9.3f}s {units / seconds:10.2f} {unit:9s} {peak:7.2f} GiB", flush=True)
 
 
 VARIANTS = {"graph": False, "compiled": True}  # CUDA graph with eager kernels / with the torch.compile'd step
@@ -80,20 +81,34 @@ def llama(vocab: int):
     return LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
 
 
-def bench_t2i(model, batches, quick: bool, name: str, ablate_prefill: bool = False) -> None:
+# --ablate NAME: the same T2I job (guidance 1) timed again right after the default with one setting changed
+ABLATIONS = {  # name -> (module, attribute, value, what the row is)
+    "prefill-graph": (engine, "GRAPH_PREFILL", False, "eager prefill"),
+    "prefill-conv": (kernels, "PREFILL_CONV_IMPL", "torch", "PyTorch prefill conv"),
+    "fold-norm": (kernels, "FOLD_GATED_NORM_BELOW", 0, "gated norm never folded"),
+    "fold-norm-all": (kernels, "FOLD_GATED_NORM_BELOW", 1 << 30, "gated norm folded at every batch"),
+    "triton-ssu-from-1": (compiled_step, "KERNEL_MIN_BATCH", 8, "Inductor's state update below batch 8"),
+}
+
+
+def bench_t2i(model, batches, quick: bool, name: str, ablate: list[str] = ()) -> None:
     caption = "x" * 68  # 68 caption tokens: a 72-token prefix with the 4 specials
     s = Sampling(temperature=1.0, top_k=1000)
     for b in batches:
         for scale in (1.0, 3.0):
             sec, peak = timed(lambda: generate_codes(model, [caption] * b, scale, s), 1 if quick else 3)
             record(name, f"t2i 72+256 cfg={scale:g}", b, sec, b, "images/s", peak)
-        if ablate_prefill:  # the same job with the prefill run eagerly (before it was captured)
-            engine.GRAPH_PREFILL = False
-            clear_decode_cache(model)
-            sec, peak = timed(lambda: generate_codes(model, [caption] * b, 1.0, s), 1 if quick else 3)
-            record(name, "t2i cfg=1, eager prefill", b, sec, b, "images/s", peak)
-            engine.GRAPH_PREFILL = True
-            clear_decode_cache(model)
+        for what in ablate:
+            module, attr, value, desc = ABLATIONS[what]
+            kept = getattr(module, attr)
+            setattr(module, attr, value)
+            clear_decode_cache(model)  # captured again with the change undone
+            try:
+                sec, peak = timed(lambda: generate_codes(model, [caption] * b, 1.0, s), 1 if quick else 3)
+            finally:
+                setattr(module, attr, kept)
+                clear_decode_cache(model)
+            record(name, f"t2i cfg=1, {desc}", b, sec, b, "images/s", peak)
 
 
 def bench_llama_t2i(batches, quick: bool) -> None:
@@ -174,18 +189,21 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer repeats and sizes")
     ap.add_argument("--jobs", default="t2i,mmu,long,llama", help="comma-separated: t2i, mmu, long, llama")
     ap.add_argument("--variants", default="graph,compiled", help="omnicore decode variants: graph, compiled")
-    ap.add_argument("--ablate-prefill", action="store_true", help="also time T2I with the prefill run eagerly")
+    ap.add_argument("--ablate", default="", help=f"comma-separated, T2I timed again with a setting changed: {', '.join(ABLATIONS)}")
     args = ap.parse_args()
+    unknown = [a for a in args.ablate.split(",") if a and a not in ABLATIONS]
+    if unknown:
+        ap.error(f"--ablate: unknown {', '.join(unknown)}; choose from {', '.join(ABLATIONS)}")
     torch.backends.cuda.matmul.allow_tf32 = True
     jobs = set(args.jobs.split(","))
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
-    print(f"{'model':34s} {'job':28s} {'batch':>4s} {'time':>10s} {'rate':>10s} {'unit':9s} {'peak':>11s}")
+    print(f"{'model':34s} {'job':40s} {'batch':>4s} {'time':>10s} {'rate':>10s} {'unit':9s} {'peak':>11s}")
     batches = [1, 16, 64]
     variants = args.variants.split(",")
     for variant in variants if "t2i" in jobs or "mmu" in jobs else []:
         model = omni_model(compile_decode=VARIANTS[variant])
         if "t2i" in jobs:
-            bench_t2i(model, batches, args.quick, label(variant), args.ablate_prefill)
+            bench_t2i(model, batches, args.quick, label(variant), [a for a in args.ablate.split(",") if a])
         if "mmu" in jobs:
             bench_mmu(model, 1, label(variant))
         del model

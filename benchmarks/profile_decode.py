@@ -4,7 +4,8 @@ For each variant (eager kernels; compiled with a one-pass Triton state update, o
 with the PyTorch state update; the compiled step before merged LoRA weights and the one-pass conv update, and with
 each alone) and batch: the median time of a CUDA-graph replay of one backbone step, the bandwidth floor (weights
 plus reading and writing the SSM state once), with --profile the heaviest kernels, with --sweep the tile sizes of
-the one-pass kernels. Run: python benchmarks/profile_decode.py [--batches 1,64,128] [--variants a,b] [--profile]
+the one-pass kernels, with --prefill the graphed 72-token prefill (Triton or PyTorch conv, empty or read state).
+Run: python benchmarks/profile_decode.py [--batches 1,64,128] [--variants a,b] [--profile] [--prefill]
 """
 
 from __future__ import annotations
@@ -25,13 +26,17 @@ VARIANTS = {  # name -> (kernel, compile_decode, state update, conv update, merg
     "compiled (before)": ("auto", True, "triton", "torch", False, 8),  # no merged LoRA, no conv kernel
     "compiled+merged lora": ("auto", True, "triton", "torch", True, 8),
     "compiled+conv kernel": ("auto", True, "triton", "triton", False, 8),
-    "compiled+triton ssu": ("auto", True, "triton", "triton", True, 8),  # the default
-    "compiled+triton ssu from 1": ("auto", True, "triton", "triton", True, 1),
+    "compiled+triton ssu": ("auto", True, "triton", "triton", True, 1),  # the default
     "compiled+mamba_ssm ssu": ("auto", True, "mamba_ssm", "triton", True, 8),
     "compiled+torch ssu": ("torch", True, None, "triton", True, 8),
     "compiled dt/A apart": ("auto", True, "triton", "triton", True, 8),  # the default before FUSE_DT_A
+    "compiled (session 5)": ("auto", True, "triton", "triton", True, 8),  # Inductor's update below 8, norm apart
+    "compiled norm apart": ("auto", True, "triton", "triton", True, 1),
+    "compiled norm folded": ("auto", True, "triton", "triton", True, 1),  # at every batch
 }
 UNFUSED_DT_A = {"compiled dt/A apart"}  # variants with dt's softplus and -exp(A_log) outside the state update
+FOLD_BELOW = {"compiled dt/A apart": 0, "compiled (session 5)": 0, "compiled norm apart": 0,
+              "compiled norm folded": 1 << 30}  # kernels.FOLD_GATED_NORM_BELOW, where not the default
 
 
 def floor_ms(model, batch: int, bandwidth: float) -> float:
@@ -76,12 +81,41 @@ def sweep(b: int, bw: float) -> None:
                   f"{nbytes / (us / 1e6) / bw:5.0%} of copy bandwidth")
 
 
+def prefill(model, batches) -> None:
+    """The 72-token T2I prefill of the backbone captured as a CUDA graph, per batch: the Triton causal conv and
+    an empty state (not read) against the PyTorch conv and a state read as if it held data; outputs compared."""
+    for b in batches:
+        x = torch.randn(b, 72, 2048, device="cuda", dtype=torch.bfloat16)
+        state = model.allocate_inference_state(b, 128)
+        results = {}
+        for conv in ("triton", "torch"):
+            for empty in (True, False):
+                kernels.PREFILL_CONV_IMPL = conv
+
+                def run():
+                    state.mark_empty() if empty else state.mark_written()
+                    return model(x, task="t2i", state=state)
+
+                with torch.inference_mode():
+                    state.reset()  # outputs from a zero state (replays below read what the last one wrote)
+                    results[(conv, empty)] = out = run().float()
+                    runner = GraphedStep(run, state.tensors(), True, torch.device("cuda"))
+                    runner()
+                    ms = replay_ms(runner, 20)
+                ref = results[("triton", True)]
+                err = float((out - ref).abs().max() / ref.abs().max())
+                print(f"prefill 72 tokens batch {b:3d}: conv {conv:6s} state {'empty' if empty else 'read '}: "
+                      f"{ms:7.2f} ms  (rel diff to the first {err:.1e})", flush=True)
+    kernels.PREFILL_CONV_IMPL = "triton"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", default="1,64,128")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--profile", action="store_true", help="print the heaviest kernels of one step")
     ap.add_argument("--sweep", action="store_true", help="time the Triton kernels' tile sizes per batch")
+    ap.add_argument("--prefill", action="store_true", help="time the 72-token prefill (conv kernel, empty state)")
     args = ap.parse_args()
     bw = measure_bandwidth()
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, copy bandwidth {bw / 1e12:.2f} TB/s")
@@ -91,13 +125,17 @@ def main() -> None:
     torch.manual_seed(0)
     model = build_mamba2(size="1.3b", lora={"tasks": ["mmu", "t2i"], "dropout": 0.0}, device="cuda",
                          dtype="bfloat16").eval()
+    if args.prefill:
+        prefill(model, [int(x) for x in args.batches.split(",")])
     rows = []
-    for name in args.variants.split(","):
+    fold_default = kernels.FOLD_GATED_NORM_BELOW
+    for name in [v for v in args.variants.split(",") if v]:
         kernel, compiled, impl, conv, merge, ssu_min_batch = VARIANTS[name]
         compiled_step.KERNEL_MIN_BATCH = ssu_min_batch
         kernels.STATE_UPDATE_IMPL = impl or kernels.STATE_UPDATE_IMPL
         kernels.CONV_UPDATE_IMPL = conv
         kernels.FUSE_DT_A = name not in UNFUSED_DT_A
+        kernels.FOLD_GATED_NORM_BELOW = FOLD_BELOW.get(name, fold_default)
         for block in model.layers:
             block.mixer.kernel = kernel
         model.compile_decode = compiled

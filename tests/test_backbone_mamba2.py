@@ -3,6 +3,8 @@ one forward, left padding, hybrid attention, state handling, mamba_ssm names and
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -155,6 +157,27 @@ def test_state_reset_and_snapshot():
     torch.testing.assert_close(decode_with(model, x, state), first)
     state.restore(snap)
     assert state.seqlen_offset == 9
+
+
+def test_a_state_marked_empty_is_not_read():
+    # an engine reusing a state for a new sequence marks it empty instead of relying on zeros only: the prefill then
+    # skips reading (and widening) the caches; garbage left in them must not reach the outputs
+    model = tiny()
+    x = torch.randn(2, 9, 64, dtype=F64)
+    clean = decode_with(model, x, model.allocate_inference_state(2, 16))
+    state = model.allocate_inference_state(2, 16)
+    for t in state.tensors()[2:]:
+        t.normal_()
+    assert not torch.allclose(decode_with(model, x, state_copy(state)), clean)  # a written state is read
+    state.mark_empty()
+    torch.testing.assert_close(decode_with(model, x, state), clean)
+    assert not any(c.empty for c in state.layers)  # the prefill wrote them
+
+
+def state_copy(state):
+    twin = copy.deepcopy(state)
+    twin.mark_written()
+    return twin
 
 
 def decode_with(model, x, state):

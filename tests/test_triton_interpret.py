@@ -1,5 +1,6 @@
-"""The Triton decode kernels written for CUDA (the fused top-k sampler, the one-pass SSM state update) checked on
-the CPU with Triton's interpreter (TRITON_INTERPRET=1, in a subprocess, since it is read when kernels are defined)."""
+"""The Triton kernels written for CUDA (the fused top-k sampler, the one-pass SSM state update with and without the
+gated norm, the prefill's causal conv) checked on the CPU with Triton's interpreter (TRITON_INTERPRET=1, in a subprocess, since it is read when
+kernels are defined)."""
 
 from __future__ import annotations
 
@@ -63,6 +64,41 @@ SCRIPT = textwrap.dedent("""
                 y = triton_step.state_update(st, x, dt.float(), A.float(), B_, C_, D, block_p=4)
             assert torch.allclose(y.double(), ref_y, rtol=1e-4, atol=1e-4), (limit, fused)
             assert torch.allclose(st.double(), ref_state, rtol=1e-4, atol=1e-4), (limit, fused)
+
+    # the gated RMSNorm folded into the state update: g * rstd(row sums of the partial sums) is the mixer's norm
+    from omnicore.plugins.backbones.mamba2 import kernels
+    from omnicore.plugins.backbones.mamba2.norm import RMSNormGated
+    z, nw = torch.randn(b, h, p), torch.rand(h * p) + 0.5
+    norm = RMSNormGated(h * p, eps=1e-5).double()
+    norm.weight.data.copy_(nw)
+    dt = F.softplus(dt_raw.double() + dt_bias.double())
+    ref_state = state.double()
+    ref = norm(ssd_step(ref_state, x.double(), dt, -torch.exp(A_log.double()), B_.double(), C_.double(),
+                        D.double()).reshape(b, -1), z.double().reshape(b, -1))
+    st = state.clone()
+    g, sumsq = triton_step.state_update(st, x, dt_raw, A_log, B_, C_, D, block_p=4, dt_bias=dt_bias, a_is_log=True,
+                                        z=z, norm_weight=nw)
+    assert sumsq.shape == (b, h * 2) and sumsq.dtype == torch.float32
+    got = g.double().reshape(b, -1) * kernels.norm_scale(sumsq, h * p, 1e-5).double()[:, 0]
+    assert torch.allclose(got, ref, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(st.double(), ref_state, rtol=1e-4, atol=1e-4)
+
+    # prefill causal conv: the (B, L, C) layout read from a strided slice of a wider in_proj output, continuing
+    # from a conv state (or from zeros), against the PyTorch conv over the concatenated window; lengths below d_conv,
+    # across tiles, and a channel count that is not a multiple of the tile
+    dim = 150
+    w_, bias_ = torch.randn(dim, 4), torch.randn(dim)
+    for l in (1, 3, 7, 45):
+        wide = torch.randn(2, l, dim + 30)
+        xs = wide[..., 10:10 + dim]
+        cstate = torch.randn(2, dim, 4)
+        for st in (cstate, None):
+            full = torch.cat([torch.zeros(2, dim, 4) if st is None else st, xs.transpose(1, 2)], dim=-1)
+            ref = F.silu(F.conv1d(full[..., 1:].double(), w_[:, None].double(), bias_.double(), groups=dim))
+            got = triton_step.causal_conv(xs, st, w_, bias_, block_l=16, block_c=64)
+            assert got.shape == (2, l, dim) and got.is_contiguous()
+            assert torch.allclose(got.double(), ref.transpose(1, 2), rtol=1e-4, atol=1e-4), (l, st is None)
+        assert torch.equal(cstate, cstate.clone())  # only read
 
     print("ok")
 """)

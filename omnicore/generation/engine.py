@@ -46,15 +46,18 @@ class _Session:
         self.decode_weights = None  # the backbone's decoding buffers the captured step reads (_prepare_decode)
         self.generator: torch.Generator | None = None
 
-    def buffers(self) -> list[torch.Tensor]:
+    def _own_buffers(self) -> list[torch.Tensor]:
         extra = [self.seen] if self.seen is not None else []
-        return [*self.state.tensors(), self.logits, self.t, self.token, self.finished, self.offsets, self.out,
-                *extra]
+        return [self.logits, self.t, self.token, self.finished, self.offsets, self.out, *extra]
+
+    def buffers(self) -> list[torch.Tensor]:
+        return [*self.state.tensors(), *self._own_buffers()]
 
     def start(self, s: Sampling) -> None:
         """A new call: empty state and counters (in place, so a captured graph stays valid)."""
-        for b in self.buffers():
+        for b in self._own_buffers():
             b.zero_()
+        self.state.reset()  # also marks the caches empty: the prefill skips reading them
         self.generator = s.generator(self.logits.device)
 
     def refill_noise(self) -> None:
@@ -135,6 +138,9 @@ def generate_codes(model, captions: list[str | None], guidance_scale: float = 1.
     ses.prompt.copy_(prefix)
 
     def prefill() -> None:
+        # a new sequence (start() zeroed the state): the prefill need not read the caches, also in the warm-up
+        # calls and the capture of its graph, which run on a state the previous call left written
+        ses.state.mark_empty()
         x = model.add_positions(model.t2i_prefix_embeddings(ses.prompt), "t2i_positions")
         h = model.backbone(x, task="t2i", state=ses.state)
         ses.logits.copy_(model.heads["image"].logits(h[:, -1]))
@@ -145,6 +151,7 @@ def generate_codes(model, captions: list[str | None], guidance_scale: float = 1.
     if ses.prefill_runner is None:
         ses.prefill_runner = GraphedStep(prefill, ses.buffers(), use_graph=graph and GRAPH_PREFILL, device=dev)
     ses.prefill_runner()
+    ses.state.mark_written()  # a replay ran no Python: the layers did not record it
     ses.offsets.fill_(Lp)
     _prepare_decode(model, ses, "t2i")
 

@@ -1,6 +1,7 @@
 """GPU: the decode step's fast paths give what the plain step gives: merged per-task LoRA weights (one in_proj
-product instead of peft's three) and the one-pass conv-state update kernel, eager and compiled; a kept CUDA graph
-sees weights changed after its capture.
+product instead of peft's three), the one-pass conv-state update kernel, the prefill's Triton causal conv and (compiled)
+the gated norm folded into the state update, eager and compiled; a kept CUDA graph sees weights changed after its
+capture.
 
 Run on a machine with CUDA: ``pytest -m gpu tests/gpu/test_decode_fast_paths.py -q -s``.
 """
@@ -61,13 +62,14 @@ def test_merged_lora_and_conv_kernel_match_the_plain_step(compiled, dtype, tol):
 def _compare_plain_and_fast(m, compiled, dtype, tol):
     from omnicore.plugins.backbones.mamba2 import lora
 
-    B, P, N = 8, 17, 6  # batch 8: the compiled step takes the one-pass state update too
+    B, P, N = 8, 17, 6
     x = torch.randn(B, P + N, 512, device="cuda", dtype=dtype)
     outs = {}
-    old = kernels.CONV_UPDATE_IMPL
+    old = kernels.CONV_UPDATE_IMPL, kernels.PREFILL_CONV_IMPL, kernels.FOLD_GATED_NORM_BELOW
     try:
         for fast in (False, True):
-            kernels.CONV_UPDATE_IMPL = "triton" if fast else "torch"
+            kernels.CONV_UPDATE_IMPL = kernels.PREFILL_CONV_IMPL = "triton" if fast else "torch"
+            kernels.FOLD_GATED_NORM_BELOW = 1 << 30 if fast else 0  # compiled: the norm's scale in the next block
             m.merge_lora_decode = fast
             state = m.allocate_inference_state(B, P + N)
             m(x[:, :P], task="t2i", state=state)
@@ -75,7 +77,7 @@ def _compare_plain_and_fast(m, compiled, dtype, tol):
             outs[fast] = (torch.cat(steps, 1).float(), state.layers[-1].ssm_state.float(),
                           state.layers[-1].conv_state.float())
     finally:
-        kernels.CONV_UPDATE_IMPL = old
+        kernels.CONV_UPDATE_IMPL, kernels.PREFILL_CONV_IMPL, kernels.FOLD_GATED_NORM_BELOW = old
         m.merge_lora_decode = True
     assert all("t2i" in b.mixer.in_proj.__dict__.get(lora._DECODE_CACHE, {}) for b in m.layers)  # merged ran
     for i, what in enumerate(("outputs", "final ssm state", "final conv state")):

@@ -97,6 +97,7 @@ class Mamba2Backbone(nn.Module):
                     and compiled_step.wanted(self.compile_decode, inputs_embeds))
         merge = state is not None and l == 1 and self.merge_lora_decode and not torch.is_grad_enabled()
         h, residual = inputs_embeds, None
+        pending = None  # a compiled block's gated-norm scale still to apply to h (compiled_step.block_step)
         for i, block in enumerate(self.layers):
             cache = state.layers[i] if state is not None else None
             weight = None
@@ -104,17 +105,20 @@ class Mamba2Backbone(nn.Module):
                 weight = lora.decode_weight(block.mixer.in_proj, task)
             if compiled and not isinstance(block.mixer, MHA):
                 lora.activate(block.lora_layers, task)
-                h, residual = compiled_step.block_step(block, h, residual, cache, weight)
-            elif checkpoint:
+                h, residual, pending = compiled_step.block_step(block, h, residual, cache, weight, pending)
+                continue
+            h, pending = compiled_step.apply_pending(h, pending), None
+            if checkpoint:
                 h, residual = torch.utils.checkpoint.checkpoint(_run_block, block, task, h, residual, cache, mask,
                                                                 ctx, use_reentrant=False)
             else:
                 h, residual = _run_block(block, task, h, residual, cache, mask, ctx, weight)
-        residual = h + residual
+        residual = compiled_step.apply_pending(h, pending) + residual
         out = self.norm_f(residual.to(self.norm_f.weight.dtype))
         if state is not None:
             state.offset += l
             state.positions += mask.sum(1) if mask is not None else l
+            state.mark_written()
         return out
 
     # ---- mamba_ssm checkpoints ---------------------------------------------------------------------

@@ -190,6 +190,43 @@ def _(state, x, dt_raw, dt_bias, A_log, B, C, D, dt_lo, dt_hi):
     return torch.empty_like(x)
 
 
+# Below this batch the compiled step folds the mixer's gated RMSNorm into the state update (gate, weight and
+# partial sums of squares in the kernel) and applies its per-row scale after out_proj, inside the next block's
+# residual add: one kernel a layer fewer. Measured (H200, 1.3B shape, step in a CUDA graph): batch 1 1.586 ->
+# 1.535 ms, but batch 64 3.412 -> 3.630 ms, so large batches keep the norm apart. 0: never.
+# benchmarks/profile_decode.py compares.
+FOLD_GATED_NORM_BELOW = 8
+
+
+def folds_gated_norm(batch: int) -> bool:
+    return batch < FOLD_GATED_NORM_BELOW and fuses_dt_a()
+
+
+@torch.library.custom_op("omnicore::mamba2_state_update_gated", mutates_args=("state",))
+def state_update_gated(state: torch.Tensor, x: torch.Tensor, dt_raw: torch.Tensor, dt_bias: torch.Tensor,
+                       A_log: torch.Tensor, B: torch.Tensor, C: torch.Tensor, D: torch.Tensor, z: torch.Tensor,
+                       norm_weight: torch.Tensor, dt_lo: float, dt_hi: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``state_update_raw`` followed by the gated RMSNorm short of its row scale: (y * silu(z) * norm_weight,
+    partial sums of (y * silu(z))^2 (b, k) float32); see triton_step.state_update and ``norm_scale``."""
+    from .triton_step import state_update as triton_state_update
+
+    return triton_state_update(state, x, dt_raw, A_log, B, C, D, dt_bias=dt_bias, dt_limit=(dt_lo, dt_hi),
+                               a_is_log=True, z=z, norm_weight=norm_weight)
+
+
+@state_update_gated.register_fake
+def _(state, x, dt_raw, dt_bias, A_log, B, C, D, z, norm_weight, dt_lo, dt_hi):
+    from .triton_step import STATE_BLOCK_P
+
+    b, h, p = x.shape
+    return torch.empty_like(x), x.new_empty(b, h * -(-p // STATE_BLOCK_P), dtype=torch.float32)
+
+
+def norm_scale(sumsq: torch.Tensor, dim: int, eps: float) -> torch.Tensor:
+    """The gated RMSNorm's per-row scale from ``state_update_gated``'s partial sums: (b, k) -> (b, 1, 1)."""
+    return torch.rsqrt(sumsq.sum(-1) / dim + eps)[:, None, None]
+
+
 # The decode step's conv-state shift + depthwise conv + SiLU: "triton" (one pass over the state, triton_step.py)
 # or "torch" (the PyTorch step: window built, copied back, read again). benchmarks/profile_decode.py compares them.
 CONV_UPDATE_IMPL = "triton"
@@ -220,4 +257,29 @@ def conv_update(state: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
 
 @conv_update.register_fake
 def _(state, x, weight, bias):
+    return x.new_empty(x.shape)
+
+
+# The prefill's causal conv with a cache: "triton" (one pass in the (B, L, C) layout, triton_step.causal_conv) or
+# "torch" (transpose, concatenation with the conv state, PyTorch depthwise conv, SiLU). benchmarks compare them.
+PREFILL_CONV_IMPL = "triton"
+
+
+def causal_conv_ok(state: torch.Tensor) -> bool:
+    """Whether the Triton prefill conv can run with this conv state (CUDA, triton, d_conv 4)."""
+    return PREFILL_CONV_IMPL == "triton" and conv_kernel_ok(state)
+
+
+@torch.library.custom_op("omnicore::mamba2_causal_conv", mutates_args=())
+def causal_conv(x: torch.Tensor, state: Optional[torch.Tensor], weight: torch.Tensor,
+                bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """silu(causal depthwise conv) of x (b, l, dim) continuing from state (b, dim, 4) (None: zeros), which is only
+    read -> (b, l, dim) contiguous; weight (dim, 4)."""
+    from .triton_step import causal_conv as triton_causal_conv
+
+    return triton_causal_conv(x, state, weight, bias, silu=True)
+
+
+@causal_conv.register_fake
+def _(x, state, weight, bias):
     return x.new_empty(x.shape)

@@ -85,7 +85,7 @@ class Mamba2(nn.Module):
                            dtype=dtype or self.conv1d.weight.dtype)
         ssm = torch.zeros(batch_size, self.nheads, self.headdim, self.d_state, device=device,
                           dtype=dtype or self.in_proj.weight.dtype)
-        return MambaCache(conv, ssm)
+        return MambaCache(conv, ssm, empty=True)
 
     # ---- forward ------------------------------------------------------------------------------------
     def forward(self, u: torch.Tensor, cache: MambaCache | None = None, mask: torch.Tensor | None = None,
@@ -114,7 +114,7 @@ class Mamba2(nn.Module):
         C = C.reshape(b, l, self.ngroups, self.d_state)
         A = -torch.exp(_up(self.A_log))
         D = self.D.reshape(self.nheads, self.headdim) if self.D_has_hdim else self.D
-        init = None if cache is None else cache.ssm_state
+        init = None if cache is None or cache.empty else cache.ssm_state
         if fast:
             y, final = kernels.fast_ops().chunk_scan(
                 x, dt, A, B, C, self.chunk_size, D=D, z=None, dt_bias=None,
@@ -123,31 +123,53 @@ class Mamba2(nn.Module):
             y, final = ssd_chunked(x, dt, A, B, C, self.chunk_size, D=D, initial_state=init)
         if cache is not None:
             cache.ssm_state.copy_(final.detach())
+            cache.empty = False
         return self._out(y.reshape(b, l, self.d_inner), z)
 
     def _conv(self, xBC: torch.Tensor, cache: MambaCache | None, fast: bool) -> torch.Tensor:
         """Causal depthwise conv + SiLU over (B, L, conv_dim); with a cache, continue from and refill it."""
         l = xBC.shape[1]
-        xt = xBC.transpose(1, 2)
         w = self.conv1d.weight
+        if cache is not None and fast and not torch.is_grad_enabled() and kernels.causal_conv_ok(cache.conv_state):
+            # one Triton pass in the (B, L, C) layout, reading the cache; then the last d_conv inputs refill it
+            out = kernels.causal_conv(xBC, None if cache.empty else cache.conv_state, w.squeeze(1), self.conv1d.bias)
+            if l >= self.d_conv:
+                tail = xBC[:, -self.d_conv:].transpose(1, 2)
+            else:
+                tail = torch.cat([self._conv_window(cache, xBC.dtype), xBC.transpose(1, 2)], -1)[..., -self.d_conv:]
+            cache.conv_state.copy_(tail)
+            return out
+        xt = xBC.transpose(1, 2)
         if cache is None:
             ops = kernels.fast_ops() if fast else None
             if ops is not None and ops.conv1d_fn is not None:
                 return ops.conv1d_fn(xt, w.squeeze(1), self.conv1d.bias, activation="silu").transpose(1, 2)
             out = F.conv1d(xt, w, self.conv1d.bias, padding=self.d_conv - 1, groups=self.conv_dim)[..., :l]
         else:
-            full = torch.cat([cache.conv_state.to(xt.dtype), xt], dim=-1)  # the last d_conv inputs, then these
+            full = torch.cat([self._conv_window(cache, xt.dtype), xt], dim=-1)  # the last d_conv inputs, then these
             cache.conv_state.copy_(full[..., -self.d_conv:].detach())
             out = F.conv1d(full[..., 1:], w, self.conv1d.bias, groups=self.conv_dim)
         return F.silu(out).transpose(1, 2)
 
+    def can_fold_norm(self) -> bool:
+        """Whether ``step(fold_norm=True)`` applies: a gated RMSNorm over one group, gate before the norm."""
+        return self.rmsnorm and not self.norm.norm_before_gate and self.ngroups == 1
+
+    @staticmethod
+    def _conv_window(cache: MambaCache, dtype: torch.dtype) -> torch.Tensor:
+        """The conv state as the inputs before this prefill (zeros for an empty cache, whatever it holds)."""
+        return torch.zeros_like(cache.conv_state, dtype=dtype) if cache.empty else cache.conv_state.to(dtype)
+
     def step(self, u: torch.Tensor, cache: MambaCache, mask: torch.Tensor | None = None,
              use_kernels: bool | None = None, in_proj_weight: torch.Tensor | None = None,
-             conv_kernel: bool | None = None) -> torch.Tensor:
+             conv_kernel: bool | None = None, fold_norm: bool = False):
         """One token: u (B, 1, d_model); conv and SSM states updated in place. mask (B,): False = skip.
-        ``in_proj_weight``: one matrix product with it (and in_proj's bias) instead of calling in_proj."""
+        ``in_proj_weight``: one matrix product with it (and in_proj's bias) instead of calling in_proj.
+        ``fold_norm`` (the one-pass kernel path, ``can_fold_norm``): returns (out, sumsq) where the output is
+        out * kernels.norm_scale(sumsq, d_inner, eps): the gated norm's row scale is left to the caller."""
         fast = kernels.use_fast(self.kernel, u) if use_kernels is None else use_kernels
         ops = kernels.fast_ops() if fast else None
+        cache.empty = False
         if in_proj_weight is None:
             zxbcdt = self.in_proj(u[:, 0])
         else:
@@ -181,6 +203,13 @@ class Mamba2(nn.Module):
         B = B.reshape(b, self.ngroups, self.d_state)
         C = C.reshape(b, self.ngroups, self.d_state)
         D = self.D.reshape(self.nheads, self.headdim) if self.D_has_hdim else self.D
+        if fold_norm:
+            if not (raw and self.can_fold_norm()):
+                raise ValueError("Mamba2.step: fold_norm needs the one-pass kernel path and a one-group gated norm")
+            g, sumsq = kernels.state_update_gated(cache.ssm_state, x, dt_raw, self.dt_bias, self.A_log, B, C, D,
+                                                  z.reshape(b, self.nheads, self.headdim), self.norm.weight,
+                                                  float(self.dt_limit[0]), float(self.dt_limit[1]))
+            return self.out_proj(g.reshape(b, 1, self.d_inner).to(self.out_proj.weight.dtype)), sumsq
         if raw:
             y = kernels.state_update_raw(cache.ssm_state, x, dt_raw, self.dt_bias, self.A_log, B, C, D,
                                          float(self.dt_limit[0]), float(self.dt_limit[1]))

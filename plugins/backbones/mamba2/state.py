@@ -18,6 +18,9 @@ import torch
 class MambaCache:
     conv_state: torch.Tensor
     ssm_state: torch.Tensor
+    # True while both states are known to hold zeros (allocated or reset, nothing run since): a prefill then skips
+    # reading them (at batch 64 of the 1.3B shape, widening the SSM state to float32 for the scan cost ~2.4 ms)
+    empty: bool = False
 
 
 @dataclass
@@ -52,6 +55,22 @@ class InferenceState:
         """Zero every cache in place (a new sequence can start; CUDA graphs stay valid)."""
         for t in self.tensors():
             t.zero_()
+        self.mark_empty()
+
+    def mark_empty(self) -> None:
+        """From now on the Mamba caches count as zeros (a new sequence starts) without being written: the next
+        prefill does not read them. The caller answers for ``offset``/``positions`` (reset() zeroes everything)."""
+        self._mark(empty=True)
+
+    def mark_written(self) -> None:
+        """Say the caches may hold data: after running captured work (a CUDA-graph replay runs no Python, so the
+        layers cannot record it themselves)."""
+        self._mark(empty=False)
+
+    def _mark(self, empty: bool) -> None:
+        for c in self.layers:
+            if isinstance(c, MambaCache):
+                c.empty = empty
 
     def snapshot(self) -> list[torch.Tensor]:
         return [t.clone() for t in self.tensors()]
@@ -59,6 +78,7 @@ class InferenceState:
     def restore(self, snapshot: list[torch.Tensor]) -> None:
         for t, s in zip(self.tensors(), snapshot):
             t.copy_(s)
+        self.mark_written()
 
     def __repr__(self) -> str:
         kinds = "".join("M" if isinstance(c, MambaCache) else "A" for c in self.layers)

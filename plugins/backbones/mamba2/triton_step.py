@@ -26,10 +26,11 @@ def _softplus(v):
 
 @triton.jit
 def _state_update_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, y_ptr, dt_bias_ptr, dt_lo, dt_hi,
-                         nheads, headdim, dstate, heads_per_group,
-                         s_b, s_h, s_p, x_b, x_h, dt_b, B_b, B_g, C_b, C_g, y_b, y_h,
+                         z_ptr, nw_ptr, ss_ptr, nheads, headdim, dstate, heads_per_group,
+                         s_b, s_h, s_p, x_b, x_h, dt_b, B_b, B_g, C_b, C_g, y_b, y_h, z_b, z_h,
                          D_HAS_HDIM: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-                         DT_SOFTPLUS: tl.constexpr, DT_CLAMP: tl.constexpr, A_LOG: tl.constexpr):
+                         DT_SOFTPLUS: tl.constexpr, DT_CLAMP: tl.constexpr, A_LOG: tl.constexpr,
+                         GATE: tl.constexpr):
     pid_p = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // nheads
@@ -53,6 +54,9 @@ def _state_update_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, y
         A = -tl.exp(A)
     Bv = tl.load(B_ptr + b * B_b + g * B_g + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     Cv = tl.load(C_ptr + b * C_b + g * C_g + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    if GATE:  # loaded with the other inputs, not after the state: their latency overlaps the state's
+        zv = tl.load(z_ptr + b * z_b + h * z_h + offs_p, mask=mask_p, other=0.0).to(tl.float32)
+        nw = tl.load(nw_ptr + h * headdim + offs_p, mask=mask_p, other=0.0).to(tl.float32)
     s = s * tl.exp(dt * A) + (dt * x)[:, None] * Bv[None, :]
     tl.store(s_ptrs, s.to(state_ptr.dtype.element_ty), mask=mask)
     y = tl.sum(s * Cv[None, :], axis=1)
@@ -61,13 +65,20 @@ def _state_update_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, y
     else:
         D = tl.load(D_ptr + h).to(tl.float32)
     y += x * D
+    if GATE:  # the gated RMSNorm's gate and weight, and this tile's share of the row's sum of squares
+        y = y * (zv * tl.sigmoid(zv))
+        tl.store(ss_ptr + pid_bh * tl.num_programs(0) + pid_p, tl.sum(tl.where(mask_p, y * y, 0.0), axis=0))
+        y = y * nw
     tl.store(y_ptr + b * y_b + h * y_h + offs_p, y.to(y_ptr.dtype.element_ty), mask=mask_p)
 
 
+STATE_BLOCK_P = 32  # rows of headdim per program of the state update (tile sweep below)
+
+
 def state_update(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-                 C: torch.Tensor, D: torch.Tensor, block_p: int = 32, num_warps: int = 4,
+                 C: torch.Tensor, D: torch.Tensor, block_p: int = STATE_BLOCK_P, num_warps: int = 4,
                  dt_bias: torch.Tensor | None = None, dt_limit: tuple[float, float] = (0.0, float("inf")),
-                 a_is_log: bool = False) -> torch.Tensor:
+                 a_is_log: bool = False, z: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None):
     """state (b, h, p, n) updated in place (last dim contiguous); x (b, h, p), dt (b, h), A (h,), B/C (b, g, n),
     D (h,) or (h, p) -> y (b, h, p) in x's dtype. Same result as ``ssd.ssd_step``. Tiles (``--sweep`` of
     benchmarks/profile_decode.py, H100, batch 64, 1.3B shape, in a CUDA graph): 32 rows x 4 warps 47.8 us, 94% of
@@ -75,7 +86,12 @@ def state_update(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torc
 
     With ``dt_bias`` the kernel takes dt as in_proj gives it and applies softplus(dt + dt_bias) clamped to
     ``dt_limit`` itself; with ``a_is_log`` A is the parameter A_log (A = -exp(A_log)). Each saves the decode step
-    an element-wise kernel per layer (~1.3 us at batch 64 at the 1.3B shape)."""
+    an element-wise kernel per layer (~1.3 us at batch 64 at the 1.3B shape).
+
+    With ``z`` (b, h, p) and ``norm_weight`` (h * p,) it also does the gated RMSNorm (one group) except for its
+    per-row scale: returns (g, sumsq) with g = y * silu(z) * norm_weight and sumsq (b, k) float32 partial sums of
+    (y * silu(z))^2 whose row sums give the scale rsqrt(sum / (h * p) + eps). The scale commutes with out_proj, so
+    the caller applies it after that product, where it fuses with the next residual add (``fold_norm_scale``)."""
     b, h, p, n = state.shape
     g = B.shape[1]
     if state.stride(-1) != 1:
@@ -90,17 +106,26 @@ def state_update(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torc
         dt_bias = dt_bias.contiguous()
     lo, hi = float(dt_limit[0]), float(dt_limit[1])
     clamp = dt_bias is not None and (lo, hi) != (0.0, float("inf"))
+    gate = z is not None
+    if gate:
+        if norm_weight is None or norm_weight.numel() != h * p:
+            raise ValueError("state_update: z needs norm_weight of h * p elements (one norm group)")
+        z = z if z.stride(-1) == 1 else z.contiguous()
+        norm_weight = norm_weight.contiguous()
     y = torch.empty_like(x)
     block_n = triton.next_power_of_2(n)
     grid = (triton.cdiv(p, block_p), b * h)
+    sumsq = torch.empty(b, h * grid[0], device=x.device, dtype=torch.float32) if gate else y
     _state_update_kernel[grid](state, x, dt, A, B, C, D, y, dt_bias if dt_bias is not None else A,
-                               lo, hi if hi != float("inf") else 3.0e38, h, p, n, h // g,
+                               lo, hi if hi != float("inf") else 3.0e38, z if gate else x,
+                               norm_weight if gate else A, sumsq, h, p, n, h // g,
                                state.stride(0), state.stride(1), state.stride(2), x.stride(0), x.stride(1),
                                dt.stride(0), B.stride(0), B.stride(1), C.stride(0), C.stride(1),
-                               y.stride(0), y.stride(1), D_HAS_HDIM=D.dim() == 2, BLOCK_P=block_p,
+                               y.stride(0), y.stride(1), z.stride(0) if gate else 0, z.stride(1) if gate else 0,
+                               D_HAS_HDIM=D.dim() == 2, BLOCK_P=block_p,
                                BLOCK_N=block_n, DT_SOFTPLUS=dt_bias is not None, DT_CLAMP=clamp,
-                               A_LOG=a_is_log, num_warps=num_warps)
-    return y
+                               A_LOG=a_is_log, GATE=gate, num_warps=num_warps)
+    return (y, sumsq) if gate else y
 
 
 
@@ -161,4 +186,62 @@ def conv_update(state: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias
     _conv_update_kernel[grid](state, x, weight, bias if bias is not None else weight, out, dim, state.stride(0),
                               state.stride(1), x.stride(0), weight.stride(0), out.stride(0), BLOCK_C=block_c,
                               HAS_BIAS=bias is not None, SILU=silu, num_warps=num_warps)
+    return out
+
+
+@triton.jit
+def _causal_conv_kernel(x_ptr, state_ptr, w_ptr, bias_ptr, out_ptr, seqlen, dim, x_b, x_l, s_b, s_c, w_c, o_b, o_l,
+                        BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr, HAS_STATE: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, SILU: tl.constexpr):
+    # d_conv 4: out[t] = sum_k w[k] * in[t - 3 + k], where in[t] for t < 0 is the conv state's column 4 + t.
+    # Only reads the state: the caller refills it after this kernel, so no program can see a half-written state
+    pid_c = tl.program_id(0)
+    pid_l = tl.program_id(1)
+    b = tl.program_id(2)
+    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < dim
+    acc = tl.zeros((BLOCK_L, BLOCK_C), dtype=tl.float32)
+    for k in tl.static_range(4):
+        pos = offs_l - 3 + k
+        inside = (pos >= 0) & (pos < seqlen)
+        v = tl.load(x_ptr + b * x_b + pos[:, None] * x_l + offs_c[None, :],
+                    mask=inside[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
+        if HAS_STATE:
+            before = (pos < 0) & (offs_l < seqlen)
+            v += tl.load(state_ptr + b * s_b + offs_c[None, :] * s_c + (4 + pos)[:, None],
+                         mask=before[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
+        acc += v * tl.load(w_ptr + offs_c * w_c + k, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+    if SILU:
+        acc = acc * tl.sigmoid(acc)
+    tl.store(out_ptr + b * o_b + offs_l[:, None] * o_l + offs_c[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=(offs_l < seqlen)[:, None] & mask_c[None, :])
+
+
+def causal_conv(x: torch.Tensor, state: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
+                silu: bool = True, block_l: int = 32, block_c: int = 128, num_warps: int = 4) -> torch.Tensor:
+    """Causal depthwise conv (d_conv 4) + SiLU over x (b, l, dim) in its own layout (rows may be strided, the
+    channel dimension must be unit-stride, as a slice of in_proj's output is), continuing from ``state``
+    (b, dim, 4), the previous 4 inputs oldest first (None: zeros). Returns (b, l, dim) contiguous in x's dtype.
+    The state is only read; the caller refills it. Replaces the prefill's transpose, concatenation with the conv
+    state, PyTorch depthwise conv and SiLU (benchmarks/NOTES.md, session 6)."""
+    b, l, dim = x.shape
+    if weight.shape[-1] != 4:
+        raise ValueError(f"causal_conv: needs d_conv 4, got weight {tuple(weight.shape)}")
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if weight.stride(-1) != 1:
+        weight = weight.contiguous()
+    if state is not None and state.stride(-1) != 1:
+        state = state.contiguous()
+    out = torch.empty(b, l, dim, dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(dim, block_c), triton.cdiv(l, block_l), b)
+    _causal_conv_kernel[grid](x, state if state is not None else x, weight, bias if bias is not None else weight,
+                              out, l, dim, x.stride(0), x.stride(1),
+                              state.stride(0) if state is not None else 0, state.stride(1) if state is not None else 0,
+                              weight.stride(0), out.stride(0), out.stride(1), BLOCK_L=block_l, BLOCK_C=block_c,
+                              HAS_STATE=state is not None, HAS_BIAS=bias is not None, SILU=silu,
+                              num_warps=num_warps)
     return out
