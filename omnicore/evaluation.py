@@ -1,7 +1,8 @@
 """End-of-run evaluation: held-out MMU exact-match accuracy and T2I correctness scored by the dataset.
 
 T2I scoring is the dataset's business (it knows what its captions promise): a dataset that can score
-generated images provides ``score_images(images, samples) -> dict[str, float]``.
+generated images provides ``score_images(images, samples) -> dict[str, float]``. With ``component_scale`` set
+(composable guidance), each T2I sample must carry ``components``, its list of component prompts.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from rich.table import Table
 
 from .errors import OmnicoreError
 from .generation.api import answer, generate_images, image_grid
+from .generation.engine import check_components
 from .recipe.schema import EvaluationSpec
 from .registry import registry
 from .training.checkpoint import atomic_write_text
@@ -48,17 +50,37 @@ def evaluate_mmu(model, dataset, sampling: dict, batch_size: int = 32) -> dict[s
             "mmu_examples": [{"q": q, "expected": e, "got": g} for q, e, g in list(zip(questions, expected, got))[:6]]}
 
 
-def evaluate_t2i(model, dataset, guidance_scale: float, sampling: dict, out_dir: Path) -> dict[str, float]:
+def evaluate_t2i(model, dataset, guidance_scale: float, sampling: dict, out_dir: Path,
+                 component_scale: float | None = None) -> dict[str, float]:
+    """T2I scores (``t2i_*``). With ``component_scale``, composable guidance over each sample's ``components``
+    gives ``t2i_*`` and plain guidance, the same samples and seed, ``t2i_plain_*``, so both are on record."""
     if not hasattr(dataset, "score_images"):
         raise OmnicoreError(f"evaluation.t2i: dataset {type(dataset).__name__} cannot score images "
                             f"(it has no score_images method)")
     samples = [dataset[i] for i in range(len(dataset))]
-    images = generate_images(model, [s["caption"] for s in samples], guidance_scale=guidance_scale, **sampling)
+    captions = [s["caption"] for s in samples]
     out_dir.mkdir(parents=True, exist_ok=True)
-    grid = image_grid(images[:32], columns=8)
-    grid.save(out_dir / "t2i_samples.png")
-    scores = dataset.score_images(images, samples)
-    return {**{f"t2i_{k}": v for k, v in scores.items()}, "t2i_images": len(images)}
+    runs: list[tuple[str, dict]] = [("", {})]
+    if component_scale is not None:
+        missing = [i for i, s in enumerate(samples) if not s.get("components")]
+        if missing:
+            raise OmnicoreError(f"evaluation.component_scale: dataset {type(dataset).__name__} gives no "
+                                f"'components' with sample {missing[0]} (needed for composable guidance)")
+        try:
+            check_components([s["components"] for s in samples], len(samples))
+        except OmnicoreError as exc:
+            raise OmnicoreError(f"evaluation.component_scale: dataset {type(dataset).__name__}: {exc}") from None
+        runs = [("", {"components": [s["components"] for s in samples], "component_scale": component_scale}),
+                ("plain_", {})]
+    results: dict[str, float] = {}
+    for prefix, compose in runs:
+        images = generate_images(model, captions, guidance_scale=guidance_scale, **compose, **sampling)
+        image_grid(images[:32], columns=8).save(out_dir / f"t2i_{prefix}samples.png")
+        scores = dataset.score_images(images, samples)
+        results.update({f"t2i_{prefix}{k}": v for k, v in scores.items()})
+    if component_scale is not None:
+        results["t2i_component_scale"] = float(component_scale)
+    return {**results, "t2i_images": len(samples)}
 
 
 def run_evaluation(model, spec: EvaluationSpec, run_dir: Path, console: Console) -> dict:
@@ -71,7 +93,7 @@ def run_evaluation(model, spec: EvaluationSpec, run_dir: Path, console: Console)
     if spec.t2i is not None:
         t2i_sampling = {k: v for k, v in sampling.items() if k != "max_new_tokens"}
         results.update(evaluate_t2i(model, _dataset(spec.t2i, "evaluation.t2i"), spec.guidance_scale, t2i_sampling,
-                                    Path(run_dir) / "eval"))
+                                    Path(run_dir) / "eval", spec.component_scale))
     atomic_write_text(Path(run_dir) / "eval.json", json.dumps(results, indent=2))
     table = Table(title="evaluation (held out)")
     table.add_column("metric")

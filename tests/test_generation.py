@@ -119,3 +119,128 @@ def test_decode_sessions_are_kept_per_shape_and_rule(model):
     assert engine._session(model, "t2i", 2, 2, 128, 256, s, graph=False, n_out=16) is not None
     engine.clear_decode_cache(model)
     assert not hasattr(model, "_decode_sessions")
+
+
+# --- composable guidance (Liu et al. 2022 on logits): u + s (c - u) + s_c sum_k (c_k - u) ---------------------------
+CAPTIONS = ["a blue triangle on the right", "a red circle on the left"]
+SINGLES = [["a blue shape", "a triangle", "a shape on the right"], ["a red shape", "a circle", "a shape on the left"]]
+
+
+def test_component_scale_zero_is_plain_guidance(model):
+    s = Sampling(temperature=1.0, top_k=16, seed=3)
+    plain = generate_codes(model, CAPTIONS, 3.0, s)
+    assert torch.equal(generate_codes(model, CAPTIONS, 3.0, s, components=SINGLES, component_scale=0.0), plain)
+    # the components do change the codes once they are weighted, so the equality above is not trivially true
+    assert not torch.equal(generate_codes(model, CAPTIONS, 3.0, s, components=SINGLES, component_scale=1.0), plain)
+
+
+def test_the_prompt_as_its_own_component_adds_its_scale_to_the_guidance(model):
+    s = Sampling(temperature=1.0, top_k=16, seed=4)
+    plain = generate_codes(model, CAPTIONS, 3.5, s)
+    itself = [[c] for c in CAPTIONS]
+    assert torch.equal(generate_codes(model, CAPTIONS, 2.0, s, components=itself, component_scale=1.5), plain)
+    # None pads a list: the unconditional prompt adds nothing
+    padded = [[c, None] for c in CAPTIONS]
+    assert torch.equal(generate_codes(model, CAPTIONS, 2.0, s, components=padded, component_scale=1.5), plain)
+    # guidance_scale 0 drops the full prompt: what is left is guidance towards the component
+    assert torch.equal(generate_codes(model, ["a green square on the left"] * 2, 0.0, s, components=itself,
+                                      component_scale=3.5), plain)
+    # and through the model's method, several images per prompt (components repeated along with the prompts)
+    kw = dict(n_per_prompt=2, top_k=16, seed=4, batch_size=3)
+    assert [im.tobytes() for im in model.generate_images(CAPTIONS, guidance_scale=2.0, components=itself,
+                                                         component_scale=1.5, **kw)] == \
+        [im.tobytes() for im in model.generate_images(CAPTIONS, guidance_scale=3.5, **kw)]
+
+
+def test_components_must_be_one_list_per_prompt_of_the_same_length(model):
+    from omnicore.errors import OmnicoreError
+
+    s = Sampling(seed=0)
+    with pytest.raises(OmnicoreError, match="same number of component prompts, got 1, 2"):
+        generate_codes(model, CAPTIONS, 3.0, s, components=[["a blue shape"], ["a red shape", "a circle"]])
+    with pytest.raises(OmnicoreError, match=r"one list of component prompts per prompt \(2\), got 1 entries"):
+        model.generate_images(CAPTIONS, guidance_scale=3.0, components=[["a blue shape"]])
+    with pytest.raises(OmnicoreError, match=r"components\[0\]: must be a list of strings, got 'a blue shape'"):
+        model.generate_images(CAPTIONS[:1], guidance_scale=3.0, components=["a blue shape"])
+
+
+def test_kept_sessions_are_keyed_by_the_components(model, monkeypatch):
+    # on CUDA a kept session replays its captured step, which bakes in K and the scales; on CPU the kept session's
+    # step (a closure over them) is reused the same way, so a key missing them would give the first call's codes
+    from omnicore.generation import engine
+
+    s = Sampling(temperature=1.0, top_k=16, seed=5)
+    fresh = {sc: generate_codes(model, CAPTIONS, 3.0, s, components=SINGLES, component_scale=sc) for sc in (1.0, 3.0)}
+    two = [c[:2] for c in SINGLES]
+    fresh_two = generate_codes(model, CAPTIONS, 3.0, s, components=two, component_scale=1.0)
+    engine.clear_decode_cache(model)
+    monkeypatch.setattr(engine, "graphs_enabled", lambda setting, device: True)  # keep sessions (eager steps)
+    try:
+        for _ in range(2):
+            for sc in (1.0, 3.0):
+                assert torch.equal(generate_codes(model, CAPTIONS, 3.0, s, components=SINGLES, component_scale=sc),
+                                   fresh[sc])
+        assert torch.equal(generate_codes(model, CAPTIONS, 3.0, s, components=two, component_scale=1.0), fresh_two)
+    finally:
+        engine.clear_decode_cache(model)
+
+
+def test_evaluation_reports_composed_and_plain_t2i(model, tmp_path):
+    import io
+    import json
+
+    from rich.console import Console
+
+    from omnicore.evaluation import run_evaluation
+    from omnicore.recipe.schema import EvaluationSpec
+
+    t2i = {"type": "synthetic_shapes", "params": {"task": "t2i", "split": "heldout", "size": 3, "image_size": 32}}
+    sampling = {"greedy": False, "temperature": 0.5, "top_k": 4, "seed": 0}
+    plain_spec = EvaluationSpec.model_validate({"t2i": t2i, "guidance_scale": 3.0, "sampling": sampling})
+    plain = run_evaluation(model, plain_spec, tmp_path / "plain", Console(file=io.StringIO()))
+    out = io.StringIO()
+    spec = EvaluationSpec.model_validate({"t2i": t2i, "guidance_scale": 3.0, "sampling": sampling,
+                                          "component_scale": 2.0})
+    composed = run_evaluation(model, spec, tmp_path / "composed", Console(file=out, width=200))
+    on_disk = json.loads((tmp_path / "composed" / "eval.json").read_text())
+    for k in ("color_acc", "position_acc", "both_acc", "detected"):
+        assert on_disk[f"t2i_plain_{k}"] == plain[f"t2i_{k}"]  # the plain figures are those of plain guidance
+        assert f"t2i_{k}" in on_disk and f"t2i_plain_{k}" in out.getvalue()
+    assert on_disk["t2i_component_scale"] == 2.0 and "t2i_plain_color_acc" not in plain
+    assert (tmp_path / "composed" / "eval" / "t2i_plain_samples.png").is_file()
+    # the composed images are other images (same seed), not a copy of the plain ones
+    from PIL import Image
+
+    a, b = (Image.open(tmp_path / "composed" / "eval" / f).tobytes() for f in ("t2i_samples.png", "t2i_plain_samples.png"))
+    assert a != b
+
+
+def test_composed_evaluation_needs_components_from_the_dataset(model, tmp_path):
+    from omnicore.errors import OmnicoreError
+    from omnicore.evaluation import evaluate_t2i
+
+    ds = omnicore.create("dataset", "synthetic_shapes", task="t2i", split="heldout", size=2, image_size=32)
+    m = ds[0]["meta"]
+    assert ds[0]["components"] == [f"a {m['color']} shape"]
+    singles = omnicore.create("dataset", "synthetic_shapes", task="t2i", split="heldout", size=2, image_size=32,
+                              components="singles")
+    assert singles[0]["components"] == [f"a {m['color']} shape", f"a {m['shape']}", f"a shape on the {m['position']}"]
+    pairs = omnicore.create("dataset", "synthetic_shapes", task="t2i", split="heldout", size=2, image_size=32,
+                            components="pairs")
+    assert pairs[0]["components"] == [f"a {m['color']} {m['shape']}", f"a {m['color']} shape on the {m['position']}",
+                                      f"a {m['shape']} on the {m['position']}"]
+
+    class NoComponents:  # a T2I dataset that can score images but has no component prompts
+        def __len__(self):
+            return len(ds)
+
+        def __getitem__(self, i):
+            return {k: v for k, v in ds[i].items() if k != "components"}
+
+        def score_images(self, images, samples):
+            return ds.score_images(images, samples)
+
+    sampling = {"temperature": 0.5, "top_k": 4, "seed": 0}
+    with pytest.raises(OmnicoreError, match="evaluation.component_scale: dataset NoComponents gives no 'components'"):
+        evaluate_t2i(model, NoComponents(), 3.0, sampling, tmp_path, component_scale=1.0)
+    evaluate_t2i(model, NoComponents(), 3.0, sampling, tmp_path)  # without composition they are not needed

@@ -132,6 +132,18 @@ def test_ema_is_a_stage_option_with_a_decay_below_one(tmp_path):
             load_recipe(path, [f"stages.second.ema={bad}"])
 
 
+def test_evaluation_component_scale_is_off_unless_set_and_must_be_positive(tmp_path):
+    path = write(tmp_path, "r.yaml", BASE + "evaluation:\n  t2i: {type: t_data}\n  guidance_scale: 3.0\n")
+    assert load_recipe(path).recipe.evaluation.component_scale is None
+    assert load_recipe(path, ["evaluation.component_scale=2"]).recipe.evaluation.component_scale == 2.0
+    for bad, why in (("0", "greater than 0"), ("-1", "greater than 0"), ("inf", "finite number"),
+                     ("much", "valid number")):
+        with pytest.raises(RecipeError, match=f"evaluation.component_scale: Input should be a? ?{why}"):
+            load_recipe(path, [f"evaluation.component_scale={bad}"])
+    with pytest.raises(RecipeError, match="component_scale applies to T2I: give a 't2i' dataset"):
+        load_recipe(path, ["evaluation.component_scale=2", "~evaluation.t2i"])
+
+
 @pytest.mark.parametrize("override, message", [
     ("stages.second.steps=many", "override 'stages.second.steps=many': stages.1.steps: Input should be a valid integer"),
     ("stages.third.steps=1", "no list item named 'third'; names: first, second"),

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ..errors import OmnicoreError
-from .engine import generate_codes, generate_text, stream_text
+from .engine import check_components, generate_codes, generate_text, stream_text
 from .sampling import Sampling
 
 
@@ -90,14 +90,23 @@ def codes_to_images(model, codes: torch.Tensor) -> list:
 
 
 def generate_images(model, prompts: Sequence[str], n_per_prompt: int = 1, guidance_scale: float = 1.0,
-                    batch_size: int = 16, **sampling) -> list:
-    """PIL images, ``n_per_prompt`` per prompt, in prompt order."""
+                    batch_size: int = 16, components: Sequence[Sequence[str]] | None = None,
+                    component_scale: float = 1.0, **sampling) -> list:
+    """PIL images, ``n_per_prompt`` per prompt, in prompt order.
+
+    ``components``: composable guidance (Liu et al. 2022), one list of K component prompts per prompt (the same K
+    for all), e.g. ``[["a blue shape", "a triangle", "a shape on the right"]]`` for "a blue triangle on the right";
+    each pushes the image towards itself with ``component_scale``, on top of the prompt's ``guidance_scale``."""
     s = Sampling.from_kwargs(**sampling)
+    check_components(components, len(prompts))
     captions = [p for p in prompts for _ in range(n_per_prompt)]
+    comps = None if components is None else [list(c) for c in components for _ in range(n_per_prompt)]
     model.eval()
     images = []
     for start in range(0, len(captions), batch_size):
-        codes = generate_codes(model, captions[start:start + batch_size], guidance_scale, s)
+        chunk = None if comps is None else comps[start:start + batch_size]
+        codes = generate_codes(model, captions[start:start + batch_size], guidance_scale, s, components=chunk,
+                               component_scale=component_scale)
         images += codes_to_images(model, codes)
     return images
 

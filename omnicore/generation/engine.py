@@ -3,6 +3,7 @@
 MMU: prompts of different lengths are left padded with a mask, so padding leaves the state untouched and a
 batch gives the same tokens as one-by-one generation. T2I: conditional and unconditional (dropped caption)
 streams share one batch for classifier-free guidance; only image codes are sampled, exactly h*w of them.
+Composable guidance (Liu et al. 2022, on logits) adds K component streams per prompt to the same batch.
 On CUDA a whole step (sampling, feeding the token, the backbone step and the head) is captured as one CUDA
 graph (``cuda_graph=True``, the default there), kept with its buffers per shape and sampling rule so later calls
 only replay it; the host only refills the noise buffer between replays. The T2I prefill (a prompt of fixed length)
@@ -11,10 +12,12 @@ is captured as a second graph over a prompt buffer that each call refills.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Iterator
 
 import torch
 
+from ..errors import OmnicoreError
 from .graphs import GraphedStep, graphs_enabled
 from .sampling import Sampling, mark_seen, pick_guided, pick_token
 
@@ -116,22 +119,63 @@ def _vocab(model, head: str) -> int:
     return model.heads[head].logits(p.new_zeros(1, model.d_model)).shape[-1]
 
 
+def check_components(components, n: int) -> int:
+    """K, the number of component prompts each of ``n`` prompts has (0: none), or a clear error."""
+    if components is None:
+        return 0
+    if not isinstance(components, (list, tuple)) or len(components) != n:
+        got = f"{len(components)} entries" if isinstance(components, (list, tuple)) else type(components).__name__
+        raise OmnicoreError(f"components: give one list of component prompts per prompt ({n}), got {got}")
+    for i, comp in enumerate(components):
+        if not isinstance(comp, (list, tuple)) or not all(c is None or isinstance(c, str) for c in comp):
+            raise OmnicoreError(f"components[{i}]: must be a list of strings, got {comp!r}")
+    counts = sorted({len(c) for c in components})
+    if len(counts) > 1:
+        raise OmnicoreError(f"components: every prompt needs the same number of component prompts, got "
+                            f"{', '.join(map(str, counts))} (pad with None, which adds nothing)")
+    return counts[0] if counts else 0
+
+
+def _compose(logits: torch.Tensor, B: int, K: int, scale: float, component_scale: float):
+    """The (cond, uncond, scale) for ``pick_guided`` whose mix ``uncond + scale * (cond - uncond)`` is the composed
+    ``u + s (c - u) + s_c sum_k (c_k - u)``. Rows: c (B), u (B), then c_1 .. c_K (B each)."""
+    c, u = logits[:B], logits[B:2 * B]
+    parts = logits[2 * B:].view(K, B, -1) - u
+    if scale != 0:
+        # c + (s_c / s) sum_k (c_k - u): exactly c when s_c = 0, so the fused guided sampler sees plain guidance
+        return c + (component_scale / scale) * parts.sum(0), u, scale
+    # s = 0 leaves the full prompt out: u + s_c sum_k (c_k - u), i.e. guidance towards c_1 (+ the other parts)
+    return logits[2 * B:3 * B] + parts[1:].sum(0), u, component_scale
+
+
 @torch.inference_mode()
 def generate_codes(model, captions: list[str | None], guidance_scale: float = 1.0, sampling: Sampling | None = None,
-                   cuda_graph: bool | None = None) -> torch.Tensor:
-    """Captions -> image codes ``(B, h*w)``. ``None`` captions are unconditional."""
+                   cuda_graph: bool | None = None, components: list[list[str | None]] | None = None,
+                   component_scale: float = 1.0) -> torch.Tensor:
+    """Captions -> image codes ``(B, h*w)``. ``None`` captions are unconditional.
+
+    ``components``: per caption, K further prompts (the same K for all; ``None`` is the unconditional prompt, so it
+    adds nothing: padding) composed with it: the sampled logits are
+    ``u + guidance_scale * (c - u) + component_scale * sum_k (c_k - u)`` (u: unconditional, c: the caption)."""
     s = sampling or Sampling()
     dev = model.device
     B, N = len(captions), model.num_image_codes
-    guided = guidance_scale != 1.0
+    K = check_components(components, B)
+    if K and not math.isfinite(component_scale):
+        raise OmnicoreError(f"component_scale: must be a finite number, got {component_scale!r}")
+    guided = guidance_scale != 1.0 or K > 0
+    streams = 2 + K if guided else 1  # rows per caption; every stream of a caption is fed the same code
     prefixes = [model.layout.t2i_prefix(c) for c in captions]
     if guided:
         prefixes += [model.layout.t2i_prefix(None)] * B
+    for k in range(K):
+        prefixes += [model.layout.t2i_prefix(comp[k]) for comp in components]
     prefix = torch.tensor(prefixes, device=dev)
     Lp, rows = prefix.shape[1], prefix.shape[0]
     graph = graphs_enabled(cuda_graph, dev)
+    # the scales are constants of the captured step, K and the rows are its shape
     ses = _session(model, "t2i", rows, B, _vocab(model, "image"), _round_up(Lp + N), s, graph, n_out=N,
-                   extra=(float(guidance_scale), Lp))
+                   extra=(float(guidance_scale), K, float(component_scale) if K else None, Lp))
     ses.start(s)
     if ses.prompt is None:
         ses.prompt = torch.zeros_like(prefix)
@@ -157,7 +201,10 @@ def generate_codes(model, captions: list[str | None], guidance_scale: float = 1.
 
     def sample() -> torch.Tensor:
         logits = ses.logits
-        if guided:
+        if K:
+            cond, uncond, scale = _compose(logits, B, K, float(guidance_scale), float(component_scale))
+            code = pick_guided(cond, uncond, scale, s, ses.noise, ses.seen)
+        elif guided:
             code = pick_guided(logits[:B], logits[B:], guidance_scale, s, ses.noise, ses.seen)
         else:
             code = pick_token(logits, s, ses.noise, ses.seen)
@@ -167,7 +214,7 @@ def generate_codes(model, captions: list[str | None], guidance_scale: float = 1.
 
     def step() -> None:
         code = sample()
-        feed = torch.cat([code, code]) if guided else code
+        feed = code.repeat(streams)  # [code, code, ...]: the same code to the caption's every stream
         e = model.add_positions(model.code_embeddings(feed[:, None]), "t2i_positions",
                                 (ses.offsets + ses.t)[:, None])
         out_h = model.backbone(e, task="t2i", state=ses.state)

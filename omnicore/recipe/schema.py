@@ -152,6 +152,15 @@ class EvaluationSpec(Strict):
     t2i: Optional[DataSpec] = None
     sampling: SamplingSpec = Field(default_factory=lambda: SamplingSpec(greedy=True))
     guidance_scale: float = Field(1.0, ge=0)
+    # composable guidance for T2I: each sample's component prompts (the t2i dataset supplies them) push with this
+    # scale on top of guidance_scale; the plain-guidance figures are reported too (t2i_plain_*). None: off
+    component_scale: Optional[float] = Field(None, gt=0, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _components_need_t2i(self) -> "EvaluationSpec":
+        if self.component_scale is not None and self.t2i is None:
+            raise ValueError("component_scale applies to T2I: give a 't2i' dataset or leave component_scale out")
+        return self
 
 
 class Recipe(Strict):

@@ -53,6 +53,23 @@ def caption_for(color: str | None, shape: str | None, position: str | None) -> s
 # The attributes a partial caption names: every non-empty proper subset of (colour, shape, position).
 PARTIAL_SUBSETS: tuple[tuple[bool, bool, bool], ...] = tuple(
     (c, s, p) for c in (True, False) for s in (True, False) for p in (True, False) if 0 < c + s + p < 3)
+# Component prompts for composable guidance: captions naming one attribute, or two, of the caption's
+COMPONENT_SUBSETS: dict[str, tuple[tuple[bool, bool, bool], ...]] = {
+    "singles": ((True, False, False), (False, True, False), (False, False, True)),
+    "pairs": ((True, True, False), (True, False, True), (False, True, True)),
+    # the colour alone: shape and side components carry the colours training showed with them (README)
+    "color": ((True, False, False),),
+}
+
+
+def components_for(attrs: tuple[str, str, str], named: tuple[bool, bool, bool] = (True, True, True),
+                   kind: str = "color") -> list[str | None]:
+    """The component prompts of the caption naming ``named`` of ``attrs`` (singles: "a blue shape", "a triangle",
+    "a shape on the right" for "a blue triangle on the right"); the same number for every caption, ``None`` (the
+    unconditional prompt, which adds nothing) where the caption does not name a component's attributes."""
+    return [caption_for(*(a if keep else None for a, keep in zip(attrs, sub)))
+            if all(n for n, keep in zip(named, sub) if keep) else None
+            for sub in COMPONENT_SUBSETS[kind]]
 
 
 def _as_rng(rng: random.Random | int | None) -> random.Random | None:
@@ -111,7 +128,7 @@ class SyntheticShapes(Dataset):
     """One coloured shape on white: MMU questions about it, or its caption for T2I."""
 
     def __init__(self, task: str, size: int, split: str = "train", image_size: int = 32, seed: int = 0,
-                 questions_per_sample: int = 1, partial_captions: float = 0.0) -> None:
+                 questions_per_sample: int = 1, partial_captions: float = 0.0, components: str = "color") -> None:
         if task not in ("mmu", "t2i"):
             raise ParamError(f"synthetic_shapes: task must be 'mmu' or 't2i', got {task!r}")
         if split not in SPLITS:
@@ -126,6 +143,10 @@ class SyntheticShapes(Dataset):
             raise ParamError(f"synthetic_shapes: partial_captions must be a probability in [0, 1], got {partial_captions!r}")
         if partial_captions and task != "t2i":
             raise ParamError("synthetic_shapes: partial_captions applies to task 't2i' only")
+        if components not in COMPONENT_SUBSETS:
+            raise ParamError(f"synthetic_shapes: components must be one of {', '.join(COMPONENT_SUBSETS)}, "
+                             f"got {components!r}")
+        self.components = components
         self.task, self.split, self.size = task, split, int(size)
         self.image_size, self.seed, self.questions_per_sample = int(image_size), int(seed), int(questions_per_sample)
         self.partial_captions = float(partial_captions)
@@ -166,7 +187,9 @@ class SyntheticShapes(Dataset):
             # tags / caption_tags: which images a (partial) caption is true of, for contrastive pretraining
             return {"task": "t2i", "caption": caption_for(*(a if keep else None for a, keep in zip(attrs, named))),
                     "image": image, "codes": None, "meta": meta, "tags": tags,
-                    "caption_tags": tuple(t for t, keep in zip(tags, named) if keep)}
+                    "caption_tags": tuple(t for t, keep in zip(tags, named) if keep),
+                    # for composable guidance in evaluation (evaluation.component_scale)
+                    "components": components_for(attrs, named, self.components)}
         answers = {"color": color, "shape": shape, "position": position}
         # random order, also for all three: a fixed order would let a model answer by turn number
         keys = rng.sample(list(QUESTIONS), self.questions_per_sample)
@@ -183,11 +206,17 @@ class SyntheticShapes(Dataset):
 def build_synthetic_shapes(task: Literal["mmu", "t2i"], size: int, split: Literal["train", "heldout"] = "train",
                            image_size: int = 32, seed: int = 0,
                            questions_per_sample: Literal[1, 2, 3] = 1,
-                           partial_captions: float = 0.0) -> SyntheticShapes:
+                           partial_captions: float = 0.0,
+                           components: Literal["singles", "pairs", "color"] = "color") -> SyntheticShapes:
     """Synthetic coloured shapes (MMU questions or T2I captions) with held-out attribute combinations.
 
     ``partial_captions``: the probability that a T2I sample's caption names only some of its attributes
     ("a green shape", "a square on the left"); the image is always a training combination.
+    ``components``: the component prompts a T2I sample carries for composable guidance: captions naming one
+    attribute of its caption each ("singles": "a blue shape", "a triangle", "a shape on the right") or two
+    ("pairs": "a blue triangle", "a blue shape on the right", "a triangle on the right"), or the colour alone
+    ("color": "a blue shape", the default: singles and pairs lowered held-out colour in a measurement, README).
     """
     return SyntheticShapes(task=task, size=size, split=split, image_size=image_size, seed=seed,
-                           questions_per_sample=questions_per_sample, partial_captions=partial_captions)
+                           questions_per_sample=questions_per_sample, partial_captions=partial_captions,
+                           components=components)
