@@ -48,6 +48,21 @@ def test_graph_replay_equals_eager_decoding(model, compiled):
     model.backbone.compile_decode = None
 
 
+def test_composed_guidance_graph_equals_eager(model):
+    """Component streams (composable guidance) under CUDA graphs: the replayed graph gives the eager codes, and the
+    components change them (a graph that dropped their rows would give plain guidance)."""
+    model.backbone.compile_decode = False
+    s = Sampling(temperature=1.0, top_k=8, seed=3)
+    captions = ["a blue triangle on the right", "a red circle on the right"]
+    comps = [["a blue shape", "a triangle"], ["a red shape", None]]
+    graphed = [generate_codes(model, captions, 3.0, s, cuda_graph=True, components=comps, component_scale=2.0)
+               for _ in range(2)]  # the second call replays the kept graphs
+    eager = generate_codes(model, captions, 3.0, s, cuda_graph=False, components=comps, component_scale=2.0)
+    assert torch.equal(graphed[0], graphed[1]) and torch.equal(graphed[1], eager)
+    assert not torch.equal(eager, generate_codes(model, captions, 3.0, s, cuda_graph=True))
+    model.backbone.compile_decode = None
+
+
 def test_kept_prefill_graph_reads_each_calls_captions(model):
     """The T2I prefill is a captured graph over a prompt buffer: a later call with other captions (same shapes, so
     the kept graphs are replayed) must generate from its own captions, exactly as eager decoding does."""
