@@ -5,6 +5,9 @@ state (B, nheads, headdim, d_state); attention layers keep K and V caches (B, ma
 Shared by all layers: ``offset`` (a 0-d long tensor, the number of columns consumed, read inside CUDA graphs),
 ``positions`` (B,) (real tokens seen per sample, for rotary positions under left padding) and ``kv_valid``
 (B, max_seqlen) (which cache columns hold real tokens). Everything is updated in place.
+
+A Mamba cache that was just allocated or reset is marked empty, and a prefill then does not read it (it holds
+zeros). Code that writes cache tensors itself, rather than through the backbone, calls ``mark_written()`` after.
 """
 
 from __future__ import annotations
