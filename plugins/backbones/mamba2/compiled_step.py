@@ -34,8 +34,7 @@ def _block_step(block, h: torch.Tensor, residual: torch.Tensor | None, conv_stat
     # in_proj_weight: the task's merged LoRA weight (one matrix product instead of three), a graph input.
     # pending: the previous block's folded gated norm (partial sums, width, eps): its row scale multiplies h here,
     # inside this block's residual add + norm kernel. fold: this block's mixer leaves its own scale pending.
-    if pending is not None:
-        h = h * kernels.norm_scale(*pending)
+    h = apply_pending(h, pending)
     cache = MambaCache(conv_state, ssm_state)
     if not fold:
         h, residual = block(h, residual, cache, None, None, use_kernels=use_kernels, in_proj_weight=in_proj_weight,
@@ -64,7 +63,7 @@ def wanted(setting: bool | None, x: torch.Tensor) -> bool:
 
 
 def apply_pending(h: torch.Tensor, pending: tuple | None) -> torch.Tensor:
-    """h with a pending gated-norm scale (from ``block_step``) applied; outside compiled blocks."""
+    """h with a pending gated-norm scale (from ``block_step``) applied, inside a compiled block or after one."""
     return h if pending is None else h * kernels.norm_scale(*pending)
 
 

@@ -91,7 +91,7 @@ def state_update(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torc
     With ``z`` (b, h, p) and ``norm_weight`` (h * p,) it also does the gated RMSNorm (one group) except for its
     per-row scale: returns (g, sumsq) with g = y * silu(z) * norm_weight and sumsq (b, k) float32 partial sums of
     (y * silu(z))^2 whose row sums give the scale rsqrt(sum / (h * p) + eps). The scale commutes with out_proj, so
-    the caller applies it after that product, where it fuses with the next residual add (``fold_norm_scale``)."""
+    the caller applies it after that product, where it fuses with the next residual add (``kernels.norm_scale``)."""
     b, h, p, n = state.shape
     g = B.shape[1]
     if state.stride(-1) != 1:
