@@ -21,7 +21,7 @@ from omnicore.generation import engine
 from omnicore.generation.engine import clear_decode_cache, generate_codes, generate_text
 from omnicore.generation.sampling import Sampling
 from omnicore.model.unified import build_from_spec
-from omnicore.plugins.backbones.mamba2 import compiled_step, kernels
+from omnicore.plugins.backbones.mamba2 import compiled_step, fused_step, kernels
 
 ROWS: list[dict] = []
 
@@ -88,6 +88,7 @@ ABLATIONS = {  # name -> (module, attribute, value, what the row is)
     "fold-norm": (kernels, "FOLD_GATED_NORM_BELOW", 0, "gated norm never folded"),
     "fold-norm-all": (kernels, "FOLD_GATED_NORM_BELOW", 1 << 30, "gated norm folded at every batch"),
     "triton-ssu-from-1": (compiled_step, "KERNEL_MIN_BATCH", 8, "Inductor's state update below batch 8"),
+    "fused-step": (fused_step, "MAX_BATCH", 0, "compiled step at every batch (no fused small-batch step)"),
 }
 
 
@@ -189,6 +190,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer repeats and sizes")
     ap.add_argument("--jobs", default="t2i,mmu,long,llama", help="comma-separated: t2i, mmu, long, llama")
     ap.add_argument("--variants", default="graph,compiled", help="omnicore decode variants: graph, compiled")
+    ap.add_argument("--batches", default="1,16,64", help="T2I batch sizes (comma-separated)")
     ap.add_argument("--ablate", default="", help=f"comma-separated, T2I timed again with a setting changed: {', '.join(ABLATIONS)}")
     args = ap.parse_args()
     unknown = [a for a in args.ablate.split(",") if a and a not in ABLATIONS]
@@ -198,7 +200,7 @@ def main() -> None:
     jobs = set(args.jobs.split(","))
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
     print(f"{'model':34s} {'job':40s} {'batch':>4s} {'time':>10s} {'rate':>10s} {'unit':9s} {'peak':>11s}")
-    batches = [1, 16, 64]
+    batches = [int(b) for b in args.batches.split(",")]
     variants = args.variants.split(",")
     for variant in variants if "t2i" in jobs or "mmu" in jobs else []:
         model = omni_model(compile_decode=VARIANTS[variant])

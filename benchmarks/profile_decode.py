@@ -4,8 +4,11 @@ For each variant (eager kernels; compiled with a one-pass Triton state update, o
 with the PyTorch state update; the compiled step before merged LoRA weights and the one-pass conv update, and with
 each alone) and batch: the median time of a CUDA-graph replay of one backbone step, the bandwidth floor (weights
 plus reading and writing the SSM state once), with --profile the heaviest kernels, with --sweep the tile sizes of
-the one-pass kernels, with --prefill the graphed 72-token prefill (Triton or PyTorch conv, empty or read state).
-Run: python benchmarks/profile_decode.py [--batches 1,64,128] [--variants a,b] [--profile] [--prefill]
+the one-pass kernels, with --prefill the graphed 72-token prefill (Triton or PyTorch conv, empty or read state),
+with --gemv-sweep the tiles of the fused small-batch GEMV (triton_gemv.py) against cuBLAS (the best ones are then
+used for the rest of the run), and for batches up to fused_step.MAX_BATCH the fused step's outputs against the
+compiled step's.
+Run: python benchmarks/profile_decode.py [--batches 1,64,128] [--variants a,b] [--profile] [--prefill] [--gemv-sweep]
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import torch
 from omnicore.generation.graphs import GraphedStep
 from omnicore.generation.sampling import Sampling, pick_token
 from omnicore.plugins.backbones import build_mamba2
-from omnicore.plugins.backbones.mamba2 import compiled_step, kernels
+from omnicore.plugins.backbones.mamba2 import compiled_step, fused_step, kernels
 from timing import graph_us, replay_ms  # benchmarks/timing.py (this script's folder is on sys.path)
 
 VARIANTS = {  # name -> (kernel, compile_decode, state update, conv update, merged LoRA weights for decoding,
@@ -33,7 +36,9 @@ VARIANTS = {  # name -> (kernel, compile_decode, state update, conv update, merg
     "compiled (session 5)": ("auto", True, "triton", "triton", True, 8),  # Inductor's update below 8, norm apart
     "compiled norm apart": ("auto", True, "triton", "triton", True, 1),
     "compiled norm folded": ("auto", True, "triton", "triton", True, 1),  # at every batch
+    "fused small batch": ("auto", True, "triton", "triton", True, 1),  # the default: fused_step.py up to its batch
 }
+FUSED = {"fused small batch"}  # variants with the fused small-batch step (model.fused_decode)
 UNFUSED_DT_A = {"compiled dt/A apart"}  # variants with dt's softplus and -exp(A_log) outside the state update
 FOLD_BELOW = {"compiled dt/A apart": 0, "compiled (session 5)": 0, "compiled norm apart": 0,
               "compiled norm folded": 1 << 30}  # kernels.FOLD_GATED_NORM_BELOW, where not the default
@@ -81,6 +86,70 @@ def sweep(b: int, bw: float) -> None:
                   f"{nbytes / (us / 1e6) / bw:5.0%} of copy bandwidth")
 
 
+def gemv_sweep(bw: float, rows=(1, 2, 4)) -> None:
+    """Tiles of triton_gemv.gemv at the 1.3B layer's two GEMVs (with their fused scale + conv, or scale + residual) against
+    cuBLAS's plain product, weights rotated through more than L2 holds; the fastest tiles are kept for this run."""
+    import torch.nn.functional as F
+
+    from omnicore.plugins.backbones.mamba2 import triton_gemv
+
+    kw = dict(device="cuda", dtype=torch.bfloat16)
+    for name, (N, K), table in (("in_proj", (8512, 2048), triton_gemv.IN_PROJ_TILES),
+                                ("out_proj", (2048, 4096), triton_gemv.OUT_PROJ_TILES)):
+        copies = int(150e6 // (N * K * 2)) + 1
+        Ws = [torch.randn(N, K, **kw) * 0.02 for _ in range(copies)]
+        floor = N * K * 2 / bw * 1e6
+        ranked: list = []
+        for M in rows:
+            x = torch.randn(M, K, **kw)
+            parts = torch.rand(M, 256, device="cuda")
+            cs, cw, cb = torch.randn(M, 4352, 4, **kw), torch.randn(4352, 4, **kw), torch.randn(4352, **kw)
+            stream, nw, nxt = torch.randn(M, N, device="cuda"), torch.rand(N, **kw), torch.empty(M, N, **kw)
+
+            def extra(tiles):
+                if name == "in_proj":
+                    return dict(scale=(parts, K, 1e-5), conv=(cs, cw, cb, 4096))
+                sums = torch.empty(M, -(-N // tiles[0]), device="cuda")
+                return dict(scale=(parts, K, 1e-5), residual=(stream, nw, nxt, sums))
+            cublas = graph_us(lambda i: F.linear(x, Ws[i % copies]))
+            if M == rows[0]:
+                configs = [(bn, bk, w) for bn in (8, 16, 32, 64) for bk in (128, 256, 512, 1024) for w in (4, 8)
+                           if bn * bk * M <= 4096 * w]
+            else:  # the five best of the first row count that fit
+                configs = [c for c in ranked[:5] if c[0] * c[1] * M <= 4096 * c[2]] or [table[M]]
+            timed = []
+            for tiles in configs:
+                kw_t = extra(tiles)
+                us = graph_us(lambda i: triton_gemv.gemv(x, Ws[i % copies], tiles=tiles, **kw_t))
+                timed.append((us, tiles))
+            timed.sort()
+            if M == rows[0]:
+                ranked = [t for _, t in timed]
+            us, best = timed[0]
+            table[M] = best
+            print(f"gemv {name} rows {M}: cuBLAS (plain) {cublas:6.2f} us, fused Triton best {us:6.2f} us {best} "
+                  f"(next {', '.join(f'{u:.2f} {t}' for u, t in timed[1:4])}); floor {floor:.2f} us", flush=True)
+
+
+def fused_parity(model, batches) -> None:
+    """Outputs and states of 8 fused steps against 8 compiled steps from the same state (relative max diff)."""
+    for b in [b for b in batches if b <= fused_step.MAX_BATCH]:
+        with torch.inference_mode():
+            state = model.allocate_inference_state(b, 128)
+            model(torch.randn(b, 72, 2048, device="cuda", dtype=torch.bfloat16), task="t2i", state=state)
+            start = state.snapshot()
+            xs = torch.randn(8, b, 1, 2048, device="cuda", dtype=torch.bfloat16)
+            outs = {}
+            for fused in (True, False):
+                model.fused_decode = fused
+                state.restore(start)
+                steps = torch.cat([model(x, task="t2i", state=state) for x in xs], 1).float()
+                outs[fused] = (steps, state.layers[-1].ssm_state.float(), state.layers[-1].conv_state.float())
+        errs = [float((a - c).abs().max() / c.abs().max()) for a, c in zip(outs[True], outs[False])]
+        print(f"fused vs compiled step, batch {b}: outputs {errs[0]:.1e}, last ssm state {errs[1]:.1e}, "
+              f"conv state {errs[2]:.1e} (relative max diff, 8 steps)", flush=True)
+
+
 def prefill(model, batches) -> None:
     """The 72-token T2I prefill of the backbone captured as a CUDA graph, per batch: the Triton causal conv and
     an empty state (not read) against the PyTorch conv and a state read as if it held data; outputs compared."""
@@ -116,17 +185,21 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="print the heaviest kernels of one step")
     ap.add_argument("--sweep", action="store_true", help="time the Triton kernels' tile sizes per batch")
     ap.add_argument("--prefill", action="store_true", help="time the 72-token prefill (conv kernel, empty state)")
+    ap.add_argument("--gemv-sweep", action="store_true", help="time the fused GEMV's tiles, keep the best")
     args = ap.parse_args()
     bw = measure_bandwidth()
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, copy bandwidth {bw / 1e12:.2f} TB/s")
     if args.sweep:
         for b in [int(x) for x in args.batches.split(",")]:
             sweep(b, bw)
+    if args.gemv_sweep:
+        gemv_sweep(bw)
     torch.manual_seed(0)
     model = build_mamba2(size="1.3b", lora={"tasks": ["mmu", "t2i"], "dropout": 0.0}, device="cuda",
                          dtype="bfloat16").eval()
     if args.prefill:
         prefill(model, [int(x) for x in args.batches.split(",")])
+    fused_parity(model, [int(x) for x in args.batches.split(",")])
     rows = []
     fold_default = kernels.FOLD_GATED_NORM_BELOW
     for name in [v for v in args.variants.split(",") if v]:
@@ -140,6 +213,7 @@ def main() -> None:
             block.mixer.kernel = kernel
         model.compile_decode = compiled
         model.merge_lora_decode = merge
+        model.fused_decode = name in FUSED
         for b in [int(x) for x in args.batches.split(",")]:
             with torch.inference_mode():
                 state = model.allocate_inference_state(b, 128)

@@ -108,3 +108,87 @@ def test_triton_decode_kernels_in_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+FUSED_STEP_SCRIPT = textwrap.dedent("""
+    import torch
+    import torch.nn.functional as F
+    from omnicore.plugins.backbones.mamba2 import fused_step, triton_gemv, triton_step
+    from omnicore.plugins.backbones.mamba2.backbone import Mamba2Backbone
+    from omnicore.plugins.backbones.mamba2.norm import RMSNorm
+
+    torch.manual_seed(0)
+    tol = dict(rtol=1e-4, atol=1e-4)
+    # the GEMV against x @ W.T: 1-4 rows, N and K off the tiles, several K blocks, a strided x, a bias
+    N, K = 75, 52
+    W, bias = torch.randn(N, K), torch.randn(N)
+    for M in (1, 2, 3, 4):
+        x = torch.randn(M, K + 6)[:, 3:3 + K]
+        for tiles in ((16, 16, 1), (32, 64, 2)):
+            assert torch.allclose(triton_gemv.gemv(x, W, tiles=tiles), x @ W.T, **tol), (M, tiles)
+        assert torch.allclose(triton_gemv.gemv(x, W, bias, tiles=(16, 16, 1)), x @ W.T + bias, **tol)
+        # residual epilogue: stream += x @ W.T in place; the next norm's input (stream * weight) and the partial
+        # sums of the stream's squares over the column blocks
+        Wr = torch.randn(40, K)
+        stream, nw = torch.randn(M, 40), torch.rand(40) + 0.5
+        want = stream + x @ Wr.T
+        nxt, parts = torch.full((M, 40), float("nan")), torch.full((M, 3), float("nan"))
+        assert triton_gemv.gemv(x, Wr, residual=(stream, nw, nxt, parts), tiles=(16, 16, 2)) is None
+        assert torch.allclose(stream, want, **tol) and torch.allclose(nxt, want * nw, **tol)
+        assert torch.allclose(parts.sum(-1), (want * want).sum(-1), **tol) and parts.shape == (M, 3)
+        assert torch.allclose(parts[:, 0], (want[:, :16] ** 2).sum(-1), **tol)
+        with __import__("pytest").raises(ValueError, match="next_partials"):
+            triton_gemv.gemv(x, Wr, residual=(stream, nw, nxt, parts[:, :2]), tiles=(16, 16, 2))
+        # scale: each row times rsqrt(sum of its partial sums / dim + eps)
+        parts = torch.rand(M, 5)
+        want = (x @ W.T) * torch.rsqrt(parts.sum(-1, keepdim=True) / 40.0 + 1e-5)
+        assert torch.allclose(triton_gemv.gemv(x, W, scale=(parts, 40, 1e-5), tiles=(16, 16, 1)), want, **tol)
+        # conv epilogue on output columns [20, 60): the state shifted as conv_update shifts it, silu(conv) out
+        cs, cw, cb = torch.randn(M, 40, 4), torch.randn(40, 4), torch.randn(40)
+        ref_state = cs.clone()
+        plain = x @ W.T
+        ref_conv = triton_step.conv_update(ref_state, plain[:, 20:60].contiguous(), cw, cb)
+        got_state = cs.clone()
+        got = triton_gemv.gemv(x, W, conv=(got_state, cw, cb, 20), tiles=(16, 16, 2))
+        assert torch.allclose(got_state, ref_state, **tol), M
+        assert torch.allclose(got[:, 20:60], ref_conv, **tol), M
+        assert torch.allclose(got[:, :20], plain[:, :20], **tol) and torch.allclose(got[:, 60:], plain[:, 60:], **tol)
+        # checked to fail: the conv columns offset by one
+        bad_state = cs.clone()
+        bad = triton_gemv.gemv(x, W, conv=(bad_state, cw, cb, 21), tiles=(16, 16, 2))
+        assert not torch.allclose(bad[:, 20:60], ref_conv, **tol)
+
+    # the whole fused step against the backbone's PyTorch step: task LoRA (merged), three tokens after a prefill,
+    # outputs and both caches of every layer
+    bb = Mamba2Backbone(64, 3, ssm_cfg=dict(d_state=16, headdim=16, chunk_size=8, dt_limit=(0.0, 0.5)))
+    bb.add_task_adapters(("mmu", "t2i"), r=4, alpha=8, dropout=0.0)
+    for name, p in bb.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)
+    bb.eval()
+    for batch in (1, 3):
+        ref_state, got_state = (bb.allocate_inference_state(batch, 32) for _ in range(2))
+        prompt = torch.randn(batch, 5, 64)
+        with torch.no_grad():
+            bb(prompt, "t2i", ref_state)
+            bb(prompt, "t2i", got_state)
+            weights = fused_step.layer_weights(bb, "t2i")
+            assert weights is not None
+            for t in range(3):
+                h = torch.randn(batch, 1, 64)
+                want = bb(h, "t2i", ref_state)
+                got = fused_step.step(bb, h, got_state, weights)
+                assert torch.allclose(got, want, **tol), (batch, t, (got - want).abs().max())
+        for a, c in zip(ref_state.layers, got_state.layers):
+            assert torch.allclose(a.conv_state, c.conv_state, **tol) and torch.allclose(a.ssm_state, c.ssm_state, **tol)
+        # the merged adapter matters: the mmu weights give other outputs
+        assert not torch.allclose(fused_step.layer_weights(bb, "mmu")[0][0], weights[0][0])
+    print("ok")
+""")
+
+
+def test_fused_small_batch_step_in_the_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, "-c", FUSED_STEP_SCRIPT], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]

@@ -15,7 +15,7 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from . import compiled_step, lora
+from . import compiled_step, fused_step, lora
 from .attention import MHA, AttnContext
 from .block import Block, GatedMLP, make_norm
 from .mixer import Mamba2
@@ -44,6 +44,8 @@ class Mamba2Backbone(nn.Module):
         self.compile_decode = compile_decode  # None: compiled one-token steps on CUDA for wide models (compiled_step.py)
         # one-token steps without gradients run in_proj with the task's merged LoRA weight (lora.decode_weight)
         self.merge_lora_decode = True
+        # one-token steps of small batches on CUDA run three Triton kernels a layer (fused_step.py) where they can
+        self.fused_decode = True
         self.merged_task: str | None = None
         layers = []
         for i in range(n_layer):
@@ -92,6 +94,15 @@ class Mamba2Backbone(nn.Module):
         ctx = None
         if self.attn_layer_idx:
             ctx = AttnContext.build(b, l, inputs_embeds.device, mask, state, step=state is not None and l == 1)
+        if (state is not None and l == 1 and mask is None and not torch.is_grad_enabled() and self.fused_decode
+                and self.merge_lora_decode):
+            weights = fused_step.plan(self, inputs_embeds, task)
+            if weights is not None:  # small batches on CUDA: three Triton kernels a layer
+                out = fused_step.step(self, inputs_embeds, state, weights)
+                state.offset += 1
+                state.positions += 1
+                state.mark_written()
+                return out
         checkpoint = self.gradient_checkpointing and self.training and state is None and torch.is_grad_enabled()
         compiled = (state is not None and l == 1 and mask is None and not torch.is_grad_enabled()
                     and compiled_step.wanted(self.compile_decode, inputs_embeds))
