@@ -10,8 +10,8 @@ residual add + norm. Here a layer is
 3. ``triton_gemv.gemv`` with ``scale`` and ``residual``: out_proj, times the gated norm's row scale, added to the
    float32 residual stream in place; it writes the next block's norm input and partial sums of squares.
 
-Stacks this does not cover (attention layers, MLPs, LayerNorm, adapters that
-cannot be merged) keep the compiled or eager step.
+Stacks this does not cover (attention layers, MLPs, LayerNorm, adapters that cannot be merged) keep the compiled
+or eager step; so do batches above MAX_BATCH, where cuBLAS's products win.
 """
 
 from __future__ import annotations
