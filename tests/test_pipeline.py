@@ -257,3 +257,30 @@ def test_long_caption_is_truncated_with_a_warning(tiny_model):
         prefix = layout.t2i_prefix(words)
     assert len(prefix) == layout.t2i_prefix_len  # the layout keeps its fixed length
     assert layout.t2i_prefix("a red circle on the left")[-8:-2] == layout.tokenizer.encode("a red circle on the left")
+
+
+def test_caption_read_twice(tmp_path):
+    """``caption_reads: 2``: the caption block comes twice before <|soi|> in training and in generation, the saved
+    model keeps it, and the schema bounds it."""
+    from omnicore.generation.api import generate_images
+    from omnicore.recipe import load_recipe
+
+    recipe = load_recipe("quickstart", ["model.caption_reads=2"]).recipe
+    torch.manual_seed(0)
+    m = omnicore.build(recipe).eval()
+    layout = m.layout
+    caption = layout.tokenizer.encode("a red circle on the left")
+    prefix = layout.t2i_prefix("a red circle on the left")
+    block = prefix[1:1 + layout.max_caption_tokens + 2]
+    assert len(prefix) == layout.t2i_prefix_len == 2 * (layout.max_caption_tokens + 2) + 2
+    assert prefix[1 + len(block):-1] == block and block[-1 - len(caption):-1] == caption
+    assert t2i_batch(m)["prefix_ids"].shape == (2, layout.t2i_prefix_len)
+    with torch.no_grad():
+        assert torch.isfinite(m.loss("t2i", t2i_batch(m)))
+    images = generate_images(m, ["a red circle on the left"], guidance_scale=2.0, top_k=4, seed=0)
+    assert images[0].size == (32, 32)
+    loaded = omnicore.load(m.save(tmp_path / "model"))
+    loaded = getattr(loaded, "model", loaded)
+    assert loaded.layout.t2i_prefix("a red circle on the left") == prefix
+    with pytest.raises(Exception, match="caption_reads"):
+        load_recipe("quickstart", ["model.caption_reads=0"])

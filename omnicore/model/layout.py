@@ -2,6 +2,8 @@
 
 MMU: [<|mmu|>, <|soi|>, <image: num_patches slots>, <|eoi|>, <|sot|>, question, answer, <|eot|>, ...]
 T2I: [<|t2i|>, <|sot|>, caption (left padded to max_caption_tokens), <|eot|>, <|soi|>, codes...]
+     With ``caption_reads`` R > 1 the [<|sot|>, caption, <|eot|>] block comes R times ("just read twice",
+     Arora et al. 2024: a recurrent model that reads its context again knows, the second time, all it will need).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ class Layout:
     tokenizer: object
     max_caption_tokens: int
     max_text_tokens: int
+    caption_reads: int = 1
 
     def sid(self, token: str) -> int:
         return self.tokenizer.special_ids[token]
@@ -52,7 +55,7 @@ class Layout:
     # --- T2I -------------------------------------------------------------------------------------------
     @property
     def t2i_prefix_len(self) -> int:
-        return self.max_caption_tokens + 4
+        return self.caption_reads * (self.max_caption_tokens + 2) + 2
 
     def t2i_prefix(self, caption: str | None) -> list[int]:
         """The conditioning prefix; ``None`` gives the unconditional (dropped caption) prefix."""
@@ -62,4 +65,5 @@ class Layout:
                           f"{self.max_caption_tokens} (max_caption_tokens)", stacklevel=2)
             ids = ids[: self.max_caption_tokens]
         pad = [self.tokenizer.pad_id] * (self.max_caption_tokens - len(ids))
-        return [self.sid("<|t2i|>"), self.sid("<|sot|>")] + pad + ids + [self.sid("<|eot|>"), self.sid("<|soi|>")]
+        block = [self.sid("<|sot|>")] + pad + ids + [self.sid("<|eot|>")]
+        return [self.sid("<|t2i|>")] + block * self.caption_reads + [self.sid("<|soi|>")]

@@ -38,7 +38,8 @@ class UnifiedModel(nn.Module):
     def __init__(self, *, backbone: nn.Module, text_tokenizer: Any, heads: dict[str, nn.Module],
                  encoder: nn.Module | None = None, projector: nn.Module | None = None,
                  image_tokenizer: nn.Module | None = None, max_caption_tokens: int = 68,
-                 max_text_tokens: int = 512, image_size: int = 256, config: dict | None = None) -> None:
+                 max_text_tokens: int = 512, image_size: int = 256, caption_reads: int = 1,
+                 config: dict | None = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.encoder = encoder
@@ -46,7 +47,7 @@ class UnifiedModel(nn.Module):
         self.image_tokenizer = image_tokenizer
         self.heads = nn.ModuleDict(heads)
         self.text_tokenizer = text_tokenizer
-        self.layout = Layout(text_tokenizer, max_caption_tokens, max_text_tokens)
+        self.layout = Layout(text_tokenizer, max_caption_tokens, max_text_tokens, caption_reads)
         self.image_size = image_size
         self.config = config or {}
         for required in ("text",):
@@ -294,7 +295,8 @@ def build_from_spec(model_spec: dict) -> UnifiedModel:
     return UnifiedModel(backbone=backbone, text_tokenizer=text_tokenizer, heads=heads, encoder=encoder,
                         projector=projector, image_tokenizer=image_tokenizer,
                         max_caption_tokens=spec["max_caption_tokens"], max_text_tokens=spec["max_text_tokens"],
-                        image_size=spec["image_size"], config={"model": config_spec})
+                        image_size=spec["image_size"], caption_reads=spec.get("caption_reads", 1),
+                        config={"model": config_spec})
 
 
 def build(recipe: Any) -> UnifiedModel:

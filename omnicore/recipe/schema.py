@@ -40,6 +40,7 @@ class ModelSpec(Strict):
     max_caption_tokens: int = Field(68, gt=0)
     max_text_tokens: int = Field(512, gt=0)
     image_size: int = Field(256, gt=0)  # T2I resolution: the tokenizer's grid is image_size / downsample
+    caption_reads: int = Field(1, ge=1, le=4)  # the T2I caption block repeated ("just read twice", layout.py)
 
 
 class DataSpec(ComponentSpec):
