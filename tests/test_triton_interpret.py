@@ -145,9 +145,12 @@ FUSED_STEP_SCRIPT = textwrap.dedent("""
         assert torch.allclose(triton_gemv.gemv(x, W, scale=(parts, 40, 1e-5), tiles=(16, 16, 1)), want, **tol)
         # conv epilogue on output columns [20, 60): the state shifted as conv_update shifts it, silu(conv) out
         cs, cw, cb = torch.randn(M, 40, 4), torch.randn(40, 4), torch.randn(40)
-        ref_state = cs.clone()
         plain = x @ W.T
-        ref_conv = triton_step.conv_update(ref_state, plain[:, 20:60].contiguous(), cw, cb)
+        ref_state = torch.cat([cs[..., 1:], plain[:, 20:60, None]], -1)
+        ref_conv = F.silu((ref_state * cw).sum(-1) + cb)
+        one_pass = cs.clone()  # the decode step's conv kernel, against the same PyTorch reference
+        assert torch.allclose(triton_step.conv_update(one_pass, plain[:, 20:60].contiguous(), cw, cb), ref_conv, **tol)
+        assert torch.allclose(one_pass, ref_state, **tol)
         got_state = cs.clone()
         got = triton_gemv.gemv(x, W, conv=(got_state, cw, cb, 20), tiles=(16, 16, 2))
         assert torch.allclose(got_state, ref_state, **tol), M

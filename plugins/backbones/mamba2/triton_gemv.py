@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_step import conv4_step
+
 MAX_ROWS = 4  # rows (batch) one call takes; each row has its own accumulator tile
 
 
@@ -43,22 +45,8 @@ def _row_output(out, m, pid, offs_n, mask_n, eps, scale_dim, n_partials, out_ptr
         # output silu(conv). This program owns these channels: no other program touches their state rows.
         c = offs_n - conv_lo
         is_conv = (c >= 0) & (c < conv_dim) & mask_n
-        row = cs_ptr + m * cs_b + c * cs_c
-        c1 = tl.load(row + 1, mask=is_conv, other=0.0)
-        c2 = tl.load(row + 2, mask=is_conv, other=0.0)
-        c3 = tl.load(row + 3, mask=is_conv, other=0.0)
-        new = out.to(c1.dtype)  # the conv state keeps in_proj's output in its own dtype, as the PyTorch step does
-        # an output column may sit in several threads: every load of the state must precede every store
-        tl.debug_barrier()
-        tl.store(row, c1, mask=is_conv)
-        tl.store(row + 1, c2, mask=is_conv)
-        tl.store(row + 2, c3, mask=is_conv)
-        tl.store(row + 3, new, mask=is_conv)
-        w = cw_ptr + c * cw_c
-        v = (c1.to(tl.float32) * tl.load(w, mask=is_conv, other=0.0).to(tl.float32)
-             + c2.to(tl.float32) * tl.load(w + 1, mask=is_conv, other=0.0).to(tl.float32)
-             + c3.to(tl.float32) * tl.load(w + 2, mask=is_conv, other=0.0).to(tl.float32)
-             + new.to(tl.float32) * tl.load(w + 3, mask=is_conv, other=0.0).to(tl.float32))
+        # an output column may sit in several threads: SYNC orders every load of the state before every store
+        v = conv4_step(cs_ptr + m * cs_b + c * cs_c, cw_ptr + c * cw_c, out, is_conv, True)
         if CONV_BIAS:
             v += tl.load(cb_ptr + c, mask=is_conv, other=0.0).to(tl.float32)
         out = tl.where(is_conv, v * tl.sigmoid(v), out)

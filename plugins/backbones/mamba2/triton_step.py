@@ -130,6 +130,28 @@ def state_update(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torc
 
 
 @triton.jit
+def conv4_step(row, w, new, mask, SYNC: tl.constexpr):
+    """One decode step of a depthwise conv with d_conv 4 (also used by triton_gemv): ``row`` points at state rows
+    (the last 4 inputs, oldest first), ``w`` at the matching weight rows; shifts ``new`` in and returns the conv
+    (float32, no bias). SYNC: a barrier between the loads and the stores, for layouts where an element sits in
+    several threads (one thread's store must not overtake another's load)."""
+    c1 = tl.load(row + 1, mask=mask, other=0.0)
+    c2 = tl.load(row + 2, mask=mask, other=0.0)
+    c3 = tl.load(row + 3, mask=mask, other=0.0)
+    new = new.to(c1.dtype)  # the state keeps its own dtype, as the PyTorch step does
+    if SYNC:
+        tl.debug_barrier()
+    tl.store(row, c1, mask=mask)
+    tl.store(row + 1, c2, mask=mask)
+    tl.store(row + 2, c3, mask=mask)
+    tl.store(row + 3, new, mask=mask)
+    return (c1.to(tl.float32) * tl.load(w, mask=mask, other=0.0).to(tl.float32)
+            + c2.to(tl.float32) * tl.load(w + 1, mask=mask, other=0.0).to(tl.float32)
+            + c3.to(tl.float32) * tl.load(w + 2, mask=mask, other=0.0).to(tl.float32)
+            + new.to(tl.float32) * tl.load(w + 3, mask=mask, other=0.0).to(tl.float32))
+
+
+@triton.jit
 def _conv_update_kernel(state_ptr, x_ptr, w_ptr, bias_ptr, out_ptr, dim, s_b, s_c, x_b, w_c, o_b,
                         BLOCK_C: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr):
     # d_conv 4, state rows contiguous. Each row is read once and written once, by one thread (BLOCK_C is at least
@@ -138,20 +160,8 @@ def _conv_update_kernel(state_ptr, x_ptr, w_ptr, bias_ptr, out_ptr, dim, s_b, s_
     b = tl.program_id(1)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < dim
-    row = state_ptr + b * s_b + offs_c * s_c
-    c1 = tl.load(row + 1, mask=mask_c, other=0.0)
-    c2 = tl.load(row + 2, mask=mask_c, other=0.0)
-    c3 = tl.load(row + 3, mask=mask_c, other=0.0)
-    x = tl.load(x_ptr + b * x_b + offs_c, mask=mask_c, other=0.0).to(c1.dtype)
-    tl.store(row, c1, mask=mask_c)
-    tl.store(row + 1, c2, mask=mask_c)
-    tl.store(row + 2, c3, mask=mask_c)
-    tl.store(row + 3, x, mask=mask_c)
-    w = w_ptr + offs_c * w_c
-    out = (c1.to(tl.float32) * tl.load(w, mask=mask_c, other=0.0).to(tl.float32)
-           + c2.to(tl.float32) * tl.load(w + 1, mask=mask_c, other=0.0).to(tl.float32)
-           + c3.to(tl.float32) * tl.load(w + 2, mask=mask_c, other=0.0).to(tl.float32)
-           + x.to(tl.float32) * tl.load(w + 3, mask=mask_c, other=0.0).to(tl.float32))
+    x = tl.load(x_ptr + b * x_b + offs_c, mask=mask_c, other=0.0)
+    out = conv4_step(state_ptr + b * s_b + offs_c * s_c, w_ptr + offs_c * w_c, x, mask_c, False)
     if HAS_BIAS:
         out += tl.load(bias_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
     if SILU:
