@@ -76,6 +76,8 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, ss_ptr, cs_ptr, cw_ptr, cb_ptr
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
+    # one accumulator per row, spelled out: a Triton kernel cannot keep a list of tensors (M is a constant, so the
+    # unused rows compile away)
     acc0 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     if M > 1:
         acc1 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
