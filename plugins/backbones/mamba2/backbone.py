@@ -99,9 +99,7 @@ class Mamba2Backbone(nn.Module):
             weights = fused_step.plan(self, inputs_embeds, task)
             if weights is not None:  # small batches on CUDA: three Triton kernels a layer
                 out = fused_step.step(self, inputs_embeds, state, weights)
-                state.offset += 1
-                state.positions += 1
-                state.mark_written()
+                _advance(state, l, mask)
                 return out
         checkpoint = self.gradient_checkpointing and self.training and state is None and torch.is_grad_enabled()
         compiled = (state is not None and l == 1 and mask is None and not torch.is_grad_enabled()
@@ -127,9 +125,7 @@ class Mamba2Backbone(nn.Module):
         residual = compiled_step.apply_pending(h, pending) + residual
         out = self.norm_f(residual.to(self.norm_f.weight.dtype))
         if state is not None:
-            state.offset += l
-            state.positions += mask.sum(1) if mask is not None else l
-            state.mark_written()
+            _advance(state, l, mask)
         return out
 
     # ---- mamba_ssm checkpoints ---------------------------------------------------------------------
@@ -200,6 +196,13 @@ class Mamba2Backbone(nn.Module):
 
     def unmerge_adapter(self) -> None:
         lora.unmerge_adapter(self)
+
+
+def _advance(state: InferenceState, l: int, mask: torch.Tensor | None) -> None:
+    """After a forward of ``l`` columns: the offset, each sample's real-token count, the caches marked written."""
+    state.offset += l
+    state.positions += mask.sum(1) if mask is not None else l
+    state.mark_written()
 
 
 def _run_block(block: Block, task, h, residual, cache, mask, ctx, in_proj_weight=None):

@@ -16,8 +16,6 @@ or eager step; so do batches above MAX_BATCH, where cuBLAS's products win.
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 
 from . import kernels, lora
@@ -29,7 +27,6 @@ from .norm import RMSNorm
 # but 4 rows 2.559 against 1.846 (each row streams its own input through the K loop). bench_generation.py
 # --ablate fused-step compares whole generations.
 MAX_BATCH = 2
-_triton: list[bool] = []
 
 
 def _weight(layer: torch.nn.Module, task: str | None) -> torch.Tensor | None:
@@ -48,11 +45,9 @@ def _weight(layer: torch.nn.Module, task: str | None) -> torch.Tensor | None:
 def plan(backbone, h: torch.Tensor, task: str | None) -> list[tuple] | None:
     """``layer_weights`` when the fused step runs this one-token step of ``backbone`` on ``h`` (B, 1, d_model):
     CUDA, triton, at most MAX_BATCH rows, the Triton state update with dt/A inside (kernels.fuses_dt_a)."""
-    if not h.is_cuda or not 1 <= h.shape[0] <= MAX_BATCH or not kernels.fuses_dt_a():
+    if not h.is_cuda or not 1 <= h.shape[0] <= MAX_BATCH or not kernels.fuses_dt_a() or not kernels.triton_available():
         return None
-    if not _triton:
-        _triton.append(importlib.util.find_spec("triton") is not None)
-    return layer_weights(backbone, task) if _triton[0] else None
+    return layer_weights(backbone, task)
 
 
 def layer_weights(backbone, task: str | None) -> list[tuple] | None:
@@ -93,8 +88,6 @@ def step(backbone, h: torch.Tensor, state, weights: list[tuple]) -> torch.Tensor
     next_partials = torch.empty(b, programs, dtype=torch.float32, device=h.device)
     for i, (block, cache, (w_in, b_in, w_out, b_out)) in enumerate(zip(layers, state.layers, weights)):
         mixer = block.mixer
-        if cache.conv_state.stride(-1) != 1:
-            raise ValueError("fused decode step: the conv state's rows must be contiguous")
         zxbcdt = triton_gemv.gemv(x, w_in, b_in, scale=(partials, d, block.norm.eps),
                                   conv=(cache.conv_state, mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias,
                                         mixer.d_inner))

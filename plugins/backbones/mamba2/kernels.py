@@ -232,13 +232,16 @@ def norm_scale(sumsq: torch.Tensor, dim: int, eps: float) -> torch.Tensor:
 CONV_UPDATE_IMPL = "triton"
 
 
-def conv_kernel_ok(state: torch.Tensor) -> bool:
-    """Whether the one-pass conv update can run on this conv state (CUDA, triton, d_conv 4)."""
-    if CONV_UPDATE_IMPL != "triton" or not state.is_cuda:
-        return False
+def triton_available() -> bool:
+    """Whether triton is installed (looked up once): omnicore's own decode kernels need only triton."""
     if "triton" not in _cache:
         _cache["triton"] = importlib.util.find_spec("triton") is not None
-    if not _cache["triton"]:
+    return _cache["triton"]
+
+
+def conv_kernel_ok(state: torch.Tensor) -> bool:
+    """Whether the one-pass conv update can run on this conv state (CUDA, triton, d_conv 4)."""
+    if CONV_UPDATE_IMPL != "triton" or not state.is_cuda or not triton_available():
         return False
     from .triton_step import conv_update_supported
 
