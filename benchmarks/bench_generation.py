@@ -88,7 +88,8 @@ ABLATIONS = {  # name -> (module, attribute, value, what the row is)
     "fold-norm": (kernels, "FOLD_GATED_NORM_BELOW", 0, "gated norm never folded"),
     "fold-norm-all": (kernels, "FOLD_GATED_NORM_BELOW", 1 << 30, "gated norm folded at every batch"),
     "triton-ssu-from-1": (compiled_step, "KERNEL_MIN_BATCH", 8, "Inductor's state update below batch 8"),
-    "fused-step": (fused_step, "MAX_BATCH", 0, "compiled step at every batch (no fused small-batch step)"),
+    "fused-step": (fused_step, "MAX_BATCH", 0, "compiled step at batches 1-2 (no fused GEMV step)"),
+    "fused-gemm": (fused_step, "MIN_GEMM_BATCH", 16, "fused tensor-core step from batch 16"),
 }
 
 

@@ -5,10 +5,11 @@ with the PyTorch state update; the compiled step before merged LoRA weights and 
 each alone) and batch: the median time of a CUDA-graph replay of one backbone step, the bandwidth floor (weights
 plus reading and writing the SSM state once), with --profile the heaviest kernels, with --sweep the tile sizes of
 the one-pass kernels, with --prefill the graphed 72-token prefill (Triton or PyTorch conv, empty or read state),
-with --gemv-sweep the tiles of the fused small-batch GEMV (triton_gemv.py) against cuBLAS (the best ones are then
-used for the rest of the run), and for batches up to fused_step.MAX_BATCH the fused step's outputs against the
-compiled step's.
+with --gemv-sweep / --gemm-sweep ROWS the tiles of the fused step's GEMV or tensor-core products (triton_gemv.py)
+against cuBLAS (the best ones are then used for the rest of the run), and for the batches the fused step takes
+(fused_step.takes) its outputs against the compiled step's.
 Run: python benchmarks/profile_decode.py [--batches 1,64,128] [--variants a,b] [--profile] [--prefill] [--gemv-sweep]
+     [--gemm-sweep 64,16,128]
 """
 
 from __future__ import annotations
@@ -36,9 +37,9 @@ VARIANTS = {  # name -> (kernel, compile_decode, state update, conv update, merg
     "compiled (session 5)": ("auto", True, "triton", "triton", True, 8),  # Inductor's update below 8, norm apart
     "compiled norm apart": ("auto", True, "triton", "triton", True, 1),
     "compiled norm folded": ("auto", True, "triton", "triton", True, 1),  # at every batch
-    "fused small batch": ("auto", True, "triton", "triton", True, 1),  # the default: fused_step.py up to its batch
+    "fused step": ("auto", True, "triton", "triton", True, 1),  # the default: fused_step.py where it takes the batch
 }
-FUSED = {"fused small batch"}  # variants with the fused small-batch step (model.fused_decode)
+FUSED = {"fused step"}  # variants with the fused step (model.fused_decode)
 UNFUSED_DT_A = {"compiled dt/A apart"}  # variants with dt's softplus and -exp(A_log) outside the state update
 FOLD_BELOW = {"compiled dt/A apart": 0, "compiled (session 5)": 0, "compiled norm apart": 0,
               "compiled norm folded": 1 << 30}  # kernels.FOLD_GATED_NORM_BELOW, where not the default
@@ -87,15 +88,21 @@ def sweep(b: int, bw: float) -> None:
 
 
 def gemv_sweep(bw: float, rows=(1, 2, 4)) -> None:
-    """Tiles of triton_gemv.gemv at the 1.3B layer's two GEMVs (with their fused scale + conv, or scale + residual) against
-    cuBLAS's plain product, weights rotated through more than L2 holds; the fastest tiles are kept for this run."""
+    """Tiles of triton_gemv.gemv at the 1.3B layer's two products (with their fused scale + conv, or scale + residual)
+    against cuBLAS's plain product, weights rotated through more than L2 holds; the fastest tiles are kept for this
+    run. All tiles at the first row count, the five best of those at the others. Rows up to triton_gemv.MAX_ROWS
+    time the GEMV, rows above the tensor-core kernel (its table is by row tile)."""
     import torch.nn.functional as F
 
     from omnicore.plugins.backbones.mamba2 import triton_gemv
 
     kw = dict(device="cuda", dtype=torch.bfloat16)
-    for name, (N, K), table in (("in_proj", (8512, 2048), triton_gemv.IN_PROJ_TILES),
-                                ("out_proj", (2048, 4096), triton_gemv.OUT_PROJ_TILES)):
+    gemm = rows[0] > triton_gemv.MAX_ROWS
+    for name, (N, K) in (("in_proj", (8512, 2048)), ("out_proj", (2048, 4096))):
+        if gemm:
+            table = triton_gemv.GEMM_IN_PROJ_TILES if name == "in_proj" else triton_gemv.GEMM_OUT_PROJ_TILES
+        else:
+            table = triton_gemv.IN_PROJ_TILES if name == "in_proj" else triton_gemv.OUT_PROJ_TILES
         copies = int(150e6 // (N * K * 2)) + 1
         Ws = [torch.randn(N, K, **kw) * 0.02 for _ in range(copies)]
         floor = N * K * 2 / bw * 1e6
@@ -112,28 +119,44 @@ def gemv_sweep(bw: float, rows=(1, 2, 4)) -> None:
                 sums = torch.empty(M, -(-N // tiles[0]), device="cuda")
                 return dict(scale=(parts, K, 1e-5), residual=(stream, nw, nxt, sums))
             cublas = graph_us(lambda i: F.linear(x, Ws[i % copies]))
-            if M == rows[0]:
+            if M != rows[0]:  # the five best of the first row count that fit
+                configs = [c for c in ranked[:5] if gemm or c[0] * c[1] * M <= 4096 * c[2]] or [
+                    table[triton_gemv.gemm_rows(M) if gemm else M]]
+            elif gemm:
+                widths = (32, 64, 128) if name == "in_proj" else (16, 32, 64)  # at least ~32 programs
+                configs = [(bn, bk, w, st) for bn in widths for bk in (64, 128, 256) for w in (4, 8) for st in (3, 4)]
+            else:
                 configs = [(bn, bk, w) for bn in (8, 16, 32, 64) for bk in (128, 256, 512, 1024) for w in (4, 8)
                            if bn * bk * M <= 4096 * w]
-            else:  # the five best of the first row count that fit
-                configs = [c for c in ranked[:5] if c[0] * c[1] * M <= 4096 * c[2]] or [table[M]]
             timed = []
             for tiles in configs:
                 kw_t = extra(tiles)
-                us = graph_us(lambda i: triton_gemv.gemv(x, Ws[i % copies], tiles=tiles, **kw_t))
+                try:
+                    us = graph_us(lambda i: triton_gemv.gemv(x, Ws[i % copies], tiles=tiles, **kw_t))
+                except Exception as e:  # a tile that does not fit in shared memory or registers
+                    print(f"  {name} rows {M} tiles {tiles}: {type(e).__name__}", flush=True)
+                    continue
                 timed.append((us, tiles))
             timed.sort()
             if M == rows[0]:
                 ranked = [t for _, t in timed]
             us, best = timed[0]
-            table[M] = best
-            print(f"gemv {name} rows {M}: cuBLAS (plain) {cublas:6.2f} us, fused Triton best {us:6.2f} us {best} "
-                  f"(next {', '.join(f'{u:.2f} {t}' for u, t in timed[1:4])}); floor {floor:.2f} us", flush=True)
+            table[triton_gemv.gemm_rows(M) if gemm else M] = best
+            bare = graph_us(lambda i: triton_gemv.gemv(x, Ws[i % copies], tiles=best))  # the product alone
+            kw_b = extra(best)
+            for part in kw_b:  # each epilogue on its own
+                one = {part: kw_b[part]}
+                print(f"  {name} rows {M} {best}: with {part} only "
+                      f"{graph_us(lambda i: triton_gemv.gemv(x, Ws[i % copies], tiles=best, **one)):6.2f} us")
+            print(f"{'gemm' if gemm else 'gemv'} {name} rows {M}: cuBLAS (plain) {cublas:6.2f} us, fused Triton best "
+                  f"{us:6.2f} us {best}, without its epilogue {bare:6.2f} us (next "
+                  f"{', '.join(f'{u:.2f} {t}' for u, t in timed[1:4])}); floor {floor:.2f} us",
+                  flush=True)
 
 
 def fused_parity(model, batches) -> None:
     """Outputs and states of 8 fused steps against 8 compiled steps from the same state (relative max diff)."""
-    for b in [b for b in batches if b <= fused_step.MAX_BATCH]:
+    for b in [b for b in batches if fused_step.takes(b)]:
         with torch.inference_mode():
             state = model.allocate_inference_state(b, 128)
             model(torch.randn(b, 72, 2048, device="cuda", dtype=torch.bfloat16), task="t2i", state=state)
@@ -186,14 +209,20 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="time the Triton kernels' tile sizes per batch")
     ap.add_argument("--prefill", action="store_true", help="time the 72-token prefill (conv kernel, empty state)")
     ap.add_argument("--gemv-sweep", action="store_true", help="time the fused GEMV's tiles, keep the best")
+    ap.add_argument("--gemm-sweep", default="", help="rows (e.g. 64,16,128): time the fused tensor-core tiles")
+    ap.add_argument("--min-gemm-batch", type=int, default=None, help="fused_step.MIN_GEMM_BATCH for this run")
     args = ap.parse_args()
     bw = measure_bandwidth()
+    if args.min_gemm_batch is not None:
+        fused_step.MIN_GEMM_BATCH = args.min_gemm_batch
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, copy bandwidth {bw / 1e12:.2f} TB/s")
     if args.sweep:
         for b in [int(x) for x in args.batches.split(",")]:
             sweep(b, bw)
     if args.gemv_sweep:
         gemv_sweep(bw)
+    if args.gemm_sweep:
+        gemv_sweep(bw, tuple(int(r) for r in args.gemm_sweep.split(",")))
     torch.manual_seed(0)
     model = build_mamba2(size="1.3b", lora={"tasks": ["mmu", "t2i"], "dropout": 0.0}, device="cuda",
                          dtype="bfloat16").eval()

@@ -119,30 +119,33 @@ FUSED_STEP_SCRIPT = textwrap.dedent("""
 
     torch.manual_seed(0)
     tol = dict(rtol=1e-4, atol=1e-4)
-    # the GEMV against x @ W.T: 1-4 rows, N and K off the tiles, several K blocks, a strided x, a bias
+    # the products against x @ W.T: the GEMV at 1-4 rows, the tensor-core kernel at 5 and 17 (row tiles of 16 and
+    # 32, partly masked), N and K off the tiles, several K blocks, a strided x, a bias
     N, K = 75, 52
     W, bias = torch.randn(N, K), torch.randn(N)
-    for M in (1, 2, 3, 4):
+    for M in (1, 2, 3, 4, 5, 17):
         x = torch.randn(M, K + 6)[:, 3:3 + K]
-        for tiles in ((16, 16, 1), (32, 64, 2)):
+        small, large = ((16, 16, 1), (32, 64, 2)) if M <= 4 else ((16, 16, 1, 1), (32, 64, 2, 2))
+        for tiles in (small, large):
             assert torch.allclose(triton_gemv.gemv(x, W, tiles=tiles), x @ W.T, **tol), (M, tiles)
-        assert torch.allclose(triton_gemv.gemv(x, W, bias, tiles=(16, 16, 1)), x @ W.T + bias, **tol)
+        assert torch.allclose(triton_gemv.gemv(x, W, bias, tiles=small), x @ W.T + bias, **tol)
         # residual epilogue: stream += x @ W.T in place; the next norm's input (stream * weight) and the partial
         # sums of the stream's squares over the column blocks
         Wr = torch.randn(40, K)
         stream, nw = torch.randn(M, 40), torch.rand(40) + 0.5
         want = stream + x @ Wr.T
         nxt, parts = torch.full((M, 40), float("nan")), torch.full((M, 3), float("nan"))
-        assert triton_gemv.gemv(x, Wr, residual=(stream, nw, nxt, parts), tiles=(16, 16, 2)) is None
+        assert triton_gemv.gemv(x, Wr, residual=(stream, nw, nxt, parts), tiles=small) is None
         assert torch.allclose(stream, want, **tol) and torch.allclose(nxt, want * nw, **tol)
         assert torch.allclose(parts.sum(-1), (want * want).sum(-1), **tol) and parts.shape == (M, 3)
         assert torch.allclose(parts[:, 0], (want[:, :16] ** 2).sum(-1), **tol)
         with __import__("pytest").raises(ValueError, match="next_partials"):
-            triton_gemv.gemv(x, Wr, residual=(stream, nw, nxt, parts[:, :2]), tiles=(16, 16, 2))
-        # scale: each row times rsqrt(sum of its partial sums / dim + eps)
-        parts = torch.rand(M, 5)
+            triton_gemv.gemv(x, Wr, residual=(stream, nw, nxt, parts[:, :2]), tiles=small)
+        # scale: each row times rsqrt(sum of its partial sums / dim + eps); 300 partials take the tensor-core
+        # kernel more than one pass
+        parts = torch.rand(M, 300) / 60
         want = (x @ W.T) * torch.rsqrt(parts.sum(-1, keepdim=True) / 40.0 + 1e-5)
-        assert torch.allclose(triton_gemv.gemv(x, W, scale=(parts, 40, 1e-5), tiles=(16, 16, 1)), want, **tol)
+        assert torch.allclose(triton_gemv.gemv(x, W, scale=(parts, 40, 1e-5), tiles=small), want, **tol)
         # conv epilogue on output columns [20, 60): the state shifted as conv_update shifts it, silu(conv) out
         cs, cw, cb = torch.randn(M, 40, 4), torch.randn(40, 4), torch.randn(40)
         plain = x @ W.T
@@ -152,13 +155,13 @@ FUSED_STEP_SCRIPT = textwrap.dedent("""
         assert torch.allclose(triton_step.conv_update(one_pass, plain[:, 20:60].contiguous(), cw, cb), ref_conv, **tol)
         assert torch.allclose(one_pass, ref_state, **tol)
         got_state = cs.clone()
-        got = triton_gemv.gemv(x, W, conv=(got_state, cw, cb, 20), tiles=(16, 16, 2))
+        got = triton_gemv.gemv(x, W, conv=(got_state, cw, cb, 20), tiles=small)
         assert torch.allclose(got_state, ref_state, **tol), M
         assert torch.allclose(got[:, 20:60], ref_conv, **tol), M
         assert torch.allclose(got[:, :20], plain[:, :20], **tol) and torch.allclose(got[:, 60:], plain[:, 60:], **tol)
         # checked to fail: the conv columns offset by one
         bad_state = cs.clone()
-        bad = triton_gemv.gemv(x, W, conv=(bad_state, cw, cb, 21), tiles=(16, 16, 2))
+        bad = triton_gemv.gemv(x, W, conv=(bad_state, cw, cb, 21), tiles=small)
         assert not torch.allclose(bad[:, 20:60], ref_conv, **tol)
 
     # the whole fused step against the backbone's PyTorch step: task LoRA (merged), three tokens after a prefill,
@@ -169,7 +172,7 @@ FUSED_STEP_SCRIPT = textwrap.dedent("""
         if "lora_B" in name:
             p.data.normal_(0, 0.05)
     bb.eval()
-    for batch in (1, 3):
+    for batch in (1, 3, 5):
         ref_state, got_state = (bb.allocate_inference_state(batch, 32) for _ in range(2))
         prompt = torch.randn(batch, 5, 64)
         with torch.no_grad():

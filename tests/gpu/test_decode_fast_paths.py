@@ -90,9 +90,9 @@ def _compare_plain_and_fast(m, compiled, dtype, tol):
 @pytest.mark.parametrize("d_model", [512, 2048])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
 def test_fused_small_batch_step_matches_the_plain_step(d_model, dtype, tol):
-    """Batches 1 to 4 (in_proj's 2320 columns at width 512 end inside a tile; 2048 is the 1.3B layer): outputs and
-    both caches of every layer after a prefill and six fused steps, against the eager plain step; also a CUDA
-    graph of the fused step replays what it computed eagerly."""
+    """Batches 1 to 4 (the GEMV) and 5 to 128 (the tensor-core products; in_proj's 2320 columns at width 512 end
+    inside a tile; 2048 is the 1.3B layer): outputs and both caches of every layer after a prefill and six fused
+    steps, against the eager plain step; also a CUDA graph of the fused step replays what it computed eagerly."""
     from omnicore.generation.graphs import GraphedStep
     from omnicore.plugins.backbones.mamba2 import fused_step
 
@@ -104,9 +104,10 @@ def test_fused_small_batch_step_matches_the_plain_step(d_model, dtype, tol):
             p.normal_(std=0.02)
     m.compile_decode = False
     P, N = 9, 6
-    kept_max, fused_step.MAX_BATCH = fused_step.MAX_BATCH, 4  # every row count the kernels take
+    ranges = fused_step.MAX_BATCH, fused_step.MIN_GEMM_BATCH
+    fused_step.MAX_BATCH, fused_step.MIN_GEMM_BATCH = 4, 5  # every row count the kernels take
     with torch.inference_mode():
-        for B in (1, 2, 3, 4):
+        for B in (1, 2, 3, 4, 5, 16, 64, 128):
             x = torch.randn(B, P + N, d_model, device="cuda", dtype=dtype)
             assert fused_step.plan(m, x[:, :1], "t2i") is not None
             outs = {}
@@ -139,7 +140,7 @@ def test_fused_small_batch_step_matches_the_plain_step(d_model, dtype, tol):
             runner()  # warm-up, capture (the state restored after it), replay
             assert torch.equal(kept["out"], eager)
     m.fused_decode = True
-    fused_step.MAX_BATCH = kept_max
+    fused_step.MAX_BATCH, fused_step.MIN_GEMM_BATCH = ranges
 
 
 def test_kept_graph_sees_changed_adapter_weights():

@@ -10,8 +10,10 @@ residual add + norm. Here a layer is
 3. ``triton_gemv.gemv`` with ``scale`` and ``residual``: out_proj, times the gated norm's row scale, added to the
    float32 residual stream in place; it writes the next block's norm input and partial sums of squares.
 
-Stacks this does not cover (attention layers, MLPs, LayerNorm, adapters that cannot be merged) keep the compiled
-or eager step; so do batches above MAX_BATCH, where cuBLAS's products win.
+Up to MAX_BATCH rows the products are triton_gemv's GEMV; from MIN_GEMM_BATCH rows up to
+triton_gemv.MAX_GEMM_ROWS its tensor-core kernel, which saves the small kernels around cuBLAS's products. Stacks
+this does not cover (attention layers, MLPs, LayerNorm, adapters that cannot be merged) keep the compiled or eager
+step; so do the batches between and above those ranges.
 """
 
 from __future__ import annotations
@@ -27,6 +29,21 @@ from .norm import RMSNorm
 # but 4 rows 2.559 against 1.846 (each row streams its own input through the K loop). bench_generation.py
 # --ablate fused-step compares whole generations.
 MAX_BATCH = 2
+# The fused step with the tensor-core products from this batch up to triton_gemv.MAX_GEMM_ROWS; None: never, the
+# default. Correct (tests) but not faster yet (H200, 1.3B shape, step in a CUDA graph): 1.78 / 2.14 / 3.20 / 4.86 ms
+# at batch 8 / 16 / 32 / 64 against 1.80 / 2.13 / 2.60 / 3.39 compiled. At 64 rows in_proj alone takes 15.7 us
+# (cuBLAS 11.9) but 42.7 with its conv epilogue, whose per-element state accesses in the tensor-core layout cost
+# ~0.45 us a row of the batch (benchmarks/NOTES.md, session 8).
+MIN_GEMM_BATCH: int | None = None
+
+
+def takes(rows: int) -> bool:
+    """Whether the fused step runs a step of ``rows`` rows (by the two ranges above)."""
+    from . import triton_gemv
+
+    if 1 <= rows <= MAX_BATCH:
+        return True
+    return MIN_GEMM_BATCH is not None and MIN_GEMM_BATCH <= rows <= triton_gemv.MAX_GEMM_ROWS
 
 
 def _weight(layer: torch.nn.Module, task: str | None) -> torch.Tensor | None:
@@ -44,8 +61,8 @@ def _weight(layer: torch.nn.Module, task: str | None) -> torch.Tensor | None:
 
 def plan(backbone, h: torch.Tensor, task: str | None) -> list[tuple] | None:
     """``layer_weights`` when the fused step runs this one-token step of ``backbone`` on ``h`` (B, 1, d_model):
-    CUDA, triton, at most MAX_BATCH rows, the Triton state update with dt/A inside (kernels.fuses_dt_a)."""
-    if not h.is_cuda or not 1 <= h.shape[0] <= MAX_BATCH or not kernels.fuses_dt_a() or not kernels.triton_available():
+    CUDA, triton, a row count it ``takes``, the Triton state update with dt/A inside (kernels.fuses_dt_a)."""
+    if not h.is_cuda or not takes(h.shape[0]) or not kernels.fuses_dt_a() or not kernels.triton_available():
         return None
     return layer_weights(backbone, task)
 

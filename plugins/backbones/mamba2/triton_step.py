@@ -130,11 +130,12 @@ def state_update(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torc
 
 
 @triton.jit
-def conv4_step(row, w, new, mask, SYNC: tl.constexpr):
+def conv4_step(row, w, new, mask, w_mask, SYNC: tl.constexpr):
     """One decode step of a depthwise conv with d_conv 4 (also used by triton_gemv): ``row`` points at state rows
-    (the last 4 inputs, oldest first), ``w`` at the matching weight rows; shifts ``new`` in and returns the conv
-    (float32, no bias). SYNC: a barrier between the loads and the stores, for layouts where an element sits in
-    several threads (one thread's store must not overtake another's load)."""
+    (the last 4 inputs, oldest first), ``w`` at the matching weight rows (``w_mask`` its mask; it may be a row of
+    the tile, broadcast: one load a channel); shifts ``new`` in and returns the conv (float32, no bias). SYNC: a
+    barrier between the loads and the stores, for layouts where an element sits in several threads (one thread's
+    store must not overtake another's load)."""
     c1 = tl.load(row + 1, mask=mask, other=0.0)
     c2 = tl.load(row + 2, mask=mask, other=0.0)
     c3 = tl.load(row + 3, mask=mask, other=0.0)
@@ -145,10 +146,10 @@ def conv4_step(row, w, new, mask, SYNC: tl.constexpr):
     tl.store(row + 1, c2, mask=mask)
     tl.store(row + 2, c3, mask=mask)
     tl.store(row + 3, new, mask=mask)
-    return (c1.to(tl.float32) * tl.load(w, mask=mask, other=0.0).to(tl.float32)
-            + c2.to(tl.float32) * tl.load(w + 1, mask=mask, other=0.0).to(tl.float32)
-            + c3.to(tl.float32) * tl.load(w + 2, mask=mask, other=0.0).to(tl.float32)
-            + new.to(tl.float32) * tl.load(w + 3, mask=mask, other=0.0).to(tl.float32))
+    return (c1.to(tl.float32) * tl.load(w, mask=w_mask, other=0.0).to(tl.float32)
+            + c2.to(tl.float32) * tl.load(w + 1, mask=w_mask, other=0.0).to(tl.float32)
+            + c3.to(tl.float32) * tl.load(w + 2, mask=w_mask, other=0.0).to(tl.float32)
+            + new.to(tl.float32) * tl.load(w + 3, mask=w_mask, other=0.0).to(tl.float32))
 
 
 @triton.jit
@@ -161,7 +162,7 @@ def _conv_update_kernel(state_ptr, x_ptr, w_ptr, bias_ptr, out_ptr, dim, s_b, s_
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < dim
     x = tl.load(x_ptr + b * x_b + offs_c, mask=mask_c, other=0.0)
-    out = conv4_step(state_ptr + b * s_b + offs_c * s_c, w_ptr + offs_c * w_c, x, mask_c, False)
+    out = conv4_step(state_ptr + b * s_b + offs_c * s_c, w_ptr + offs_c * w_c, x, mask_c, mask_c, False)
     if HAS_BIAS:
         out += tl.load(bias_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
     if SILU:
