@@ -130,6 +130,9 @@ def generate_cmd(prompts: list[str] = typer.Argument(..., help="Captions to draw
                  out: Path = typer.Option(Path("generated"), "--out", help="Output directory for PNGs and grid.png."),
                  n: int = typer.Option(1, "--n", help="Images per prompt."),
                  guidance_scale: float = typer.Option(1.0, "--guidance-scale", help="Classifier-free guidance (1: off)."),
+                 negative_prompt: Optional[str] = typer.Option(
+                     None, "--negative-prompt", help="Guidance pushes away from this prompt instead of the "
+                     "unconditional one (all prompts; needs --guidance-scale other than 1)."),
                  temperature: float = typer.Option(1.0, "--temperature"),
                  top_k: Optional[int] = typer.Option(None, "--top-k"),
                  top_p: Optional[float] = typer.Option(None, "--top-p"),
@@ -142,6 +145,8 @@ def generate_cmd(prompts: list[str] = typer.Argument(..., help="Captions to draw
     from omnicore.generation.api import generate_images, image_grid
     from omnicore.runner import pick_device
 
+    if negative_prompt is not None and guidance_scale == 1.0:
+        raise OmnicoreError("--negative-prompt: has no effect at --guidance-scale 1; give a guidance scale (e.g. 4)")
     pipe = omnicore.load(model, device=pick_device(device))
     out.mkdir(parents=True, exist_ok=True)
     images = []
@@ -149,8 +154,9 @@ def generate_cmd(prompts: list[str] = typer.Argument(..., help="Captions to draw
         bar = progress.add_task("generating", total=len(prompts) * n)
         for start in range(0, len(prompts), batch_size):
             images += generate_images(pipe, prompts[start:start + batch_size], n_per_prompt=n,
-                                      guidance_scale=guidance_scale, temperature=temperature, top_k=top_k,
-                                      top_p=top_p, seed=seed, batch_size=batch_size)
+                                      guidance_scale=guidance_scale, negative_prompts=negative_prompt,
+                                      temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                                      batch_size=batch_size)
             progress.update(bar, completed=len(images))
     for i, im in enumerate(images):
         im.save(out / f"{i // n:04d}-{i % n}.png")

@@ -51,16 +51,23 @@ def evaluate_mmu(model, dataset, sampling: dict, batch_size: int = 32) -> dict[s
 
 
 def evaluate_t2i(model, dataset, guidance_scale: float, sampling: dict, out_dir: Path,
-                 component_scale: float | None = None) -> dict[str, float]:
-    """T2I scores (``t2i_*``). With ``component_scale``, composable guidance over each sample's ``components``
-    gives ``t2i_*`` and plain guidance, the same samples and seed, ``t2i_plain_*``, so both are on record."""
+                 component_scale: float | None = None, negative_prompts: bool = False) -> dict[str, float]:
+    """T2I scores (``t2i_*``). With ``component_scale`` (composable guidance over each sample's ``components``)
+    or ``negative_prompts`` (guidance away from each sample's ``negative`` prompt), those give ``t2i_*`` and plain
+    guidance, the same samples and seed, ``t2i_plain_*``, so both are on record."""
     if not hasattr(dataset, "score_images"):
         raise OmnicoreError(f"evaluation.t2i: dataset {type(dataset).__name__} cannot score images "
                             f"(it has no score_images method)")
     samples = [dataset[i] for i in range(len(dataset))]
     captions = [s["caption"] for s in samples]
     out_dir.mkdir(parents=True, exist_ok=True)
-    runs: list[tuple[str, dict]] = [("", {})]
+    compose: dict = {}
+    if negative_prompts:
+        missing = [i for i, s in enumerate(samples) if not isinstance(s.get("negative"), str)]
+        if missing:
+            raise OmnicoreError(f"evaluation.negative_prompts: dataset {type(dataset).__name__} gives no "
+                                f"'negative' prompt with sample {missing[0]}")
+        compose["negative_prompts"] = [s["negative"] for s in samples]
     if component_scale is not None:
         missing = [i for i, s in enumerate(samples) if not s.get("components")]
         if missing:
@@ -70,8 +77,8 @@ def evaluate_t2i(model, dataset, guidance_scale: float, sampling: dict, out_dir:
             check_components([s["components"] for s in samples], len(samples))
         except OmnicoreError as exc:
             raise OmnicoreError(f"evaluation.component_scale: dataset {type(dataset).__name__}: {exc}") from None
-        runs = [("", {"components": [s["components"] for s in samples], "component_scale": component_scale}),
-                ("plain_", {})]
+        compose.update(components=[s["components"] for s in samples], component_scale=component_scale)
+    runs: list[tuple[str, dict]] = [("", compose), ("plain_", {})] if compose else [("", {})]
     results: dict[str, float] = {}
     for prefix, compose in runs:
         images = generate_images(model, captions, guidance_scale=guidance_scale, **compose, **sampling)
@@ -93,7 +100,7 @@ def run_evaluation(model, spec: EvaluationSpec, run_dir: Path, console: Console)
     if spec.t2i is not None:
         t2i_sampling = {k: v for k, v in sampling.items() if k != "max_new_tokens"}
         results.update(evaluate_t2i(model, _dataset(spec.t2i, "evaluation.t2i"), spec.guidance_scale, t2i_sampling,
-                                    Path(run_dir) / "eval", spec.component_scale))
+                                    Path(run_dir) / "eval", spec.component_scale, spec.negative_prompts))
     atomic_write_text(Path(run_dir) / "eval.json", json.dumps(results, indent=2))
     table = Table(title="evaluation (held out)")
     table.add_column("metric")

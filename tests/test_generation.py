@@ -91,6 +91,20 @@ def test_cli_generate_and_ask(model, images, tmp_path):
     pngs = sorted(p.name for p in (tmp_path / "out").glob("*.png"))
     assert pngs == ["0000-0.png", "0000-1.png", "0001-0.png", "0001-1.png", "grid.png"]
     assert Image.open(tmp_path / "out" / "grid.png").size == (64, 64)
+    # a negative prompt: the same images as the Python API's; at guidance 1 it would do nothing, so it is refused
+    neg = ["a red circle on the left", "--guidance-scale", "3", "--negative-prompt", "a circle on the left", "--seed",
+           "0", "--top-k", "8"]
+    r = subprocess.run([sys.executable, "-m", "omnicore.cli", "generate", "--model", str(tmp_path / "m"), *neg,
+                        "--out", str(tmp_path / "neg")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    want = model.generate_images(["a red circle on the left"], guidance_scale=3.0,
+                                 negative_prompts="a circle on the left", seed=0, top_k=8)[0]
+    assert Image.open(tmp_path / "neg" / "0000-0.png").tobytes() == want.tobytes()
+    r = subprocess.run([sys.executable, "-m", "omnicore.cli", "generate", "--model", str(tmp_path / "m"),
+                        "a red circle", "--negative-prompt", "a circle", "--out", str(tmp_path / "no")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "--negative-prompt: has no effect at --guidance-scale 1" in r.stderr
+    assert not (tmp_path / "no").exists()
     r = subprocess.run([sys.executable, "-m", "omnicore.cli", "ask", "--model", str(tmp_path / "m"),
                         str(tmp_path / "shape.png"), "What color is the shape?", "--max-new-tokens", "5"],
                        capture_output=True, text=True, timeout=300)
@@ -162,6 +176,40 @@ def test_components_must_be_one_list_per_prompt_of_the_same_length(model):
         model.generate_images(CAPTIONS, guidance_scale=3.0, components=[["a blue shape"]])
     with pytest.raises(OmnicoreError, match=r"components\[0\]: must be a list of strings, got 'a blue shape'"):
         model.generate_images(CAPTIONS[:1], guidance_scale=3.0, components=["a blue shape"])
+
+
+# --- negative prompts: n + s (c - n), the negative prompt's logits in the unconditional stream's place ------------
+NEGATIVES = ["a triangle on the right", "a circle on the left"]  # the captions without their colour
+
+
+def test_negative_prompts_take_the_unconditional_streams_place(model):
+    s = Sampling(temperature=1.0, top_k=16, seed=3)
+    plain = generate_codes(model, CAPTIONS, 3.0, s)
+    assert torch.equal(generate_codes(model, CAPTIONS, 3.0, s, negative_prompts=[None, None]), plain)
+    # the caption as its own negative prompt cancels the guidance: n + s (c - n) = c
+    assert torch.equal(generate_codes(model, CAPTIONS, 3.0, s, negative_prompts=CAPTIONS),
+                       generate_codes(model, CAPTIONS, 1.0, s))
+    negative = generate_codes(model, CAPTIONS, 4.0, s, negative_prompts=NEGATIVES)
+    assert not torch.equal(negative, generate_codes(model, CAPTIONS, 4.0, s))
+    # the same mix as composable guidance with the negative prompt at component scale -(s - 1)
+    composed = generate_codes(model, CAPTIONS, 4.0, s, components=[[n] for n in NEGATIVES], component_scale=-3.0)
+    assert (negative == composed).float().mean() > 0.95
+    # one string applies to every prompt; n_per_prompt repeats the negative prompts with their prompts
+    kw = dict(guidance_scale=4.0, top_k=16, seed=2)
+    one = model.generate_images(CAPTIONS, negative_prompts="a shape", **kw)
+    assert [im.tobytes() for im in one] == \
+        [im.tobytes() for im in model.generate_images(CAPTIONS, negative_prompts=["a shape"] * 2, **kw)]
+    twice = model.generate_images(CAPTIONS, n_per_prompt=2, negative_prompts=NEGATIVES, batch_size=3, **kw)
+    assert len(twice) == 4
+
+
+def test_negative_prompts_must_be_one_per_prompt(model):
+    from omnicore.errors import OmnicoreError
+
+    with pytest.raises(OmnicoreError, match=r"one negative prompt \(or None\) per prompt \(2\), got 1 entries"):
+        generate_codes(model, CAPTIONS, 3.0, Sampling(seed=0), negative_prompts=["a shape"])
+    with pytest.raises(OmnicoreError, match=r"negative_prompts\[1\]: must be a string or None, got 3"):
+        model.generate_images(CAPTIONS, guidance_scale=3.0, negative_prompts=["a shape", 3])
 
 
 def test_kept_sessions_are_keyed_by_the_components(model, monkeypatch):
@@ -244,3 +292,31 @@ def test_composed_evaluation_needs_components_from_the_dataset(model, tmp_path):
     with pytest.raises(OmnicoreError, match="evaluation.component_scale: dataset NoComponents gives no 'components'"):
         evaluate_t2i(model, NoComponents(), 3.0, sampling, tmp_path, component_scale=1.0)
     evaluate_t2i(model, NoComponents(), 3.0, sampling, tmp_path)  # without composition they are not needed
+
+
+def test_evaluation_reports_negative_prompt_and_plain_t2i(model, tmp_path):
+    import io
+    import json
+
+    from pydantic import ValidationError
+    from rich.console import Console
+
+    from omnicore.evaluation import run_evaluation
+    from omnicore.recipe.schema import EvaluationSpec
+
+    t2i = {"type": "synthetic_shapes", "params": {"task": "t2i", "split": "heldout", "size": 3, "image_size": 32}}
+    ds = omnicore.create("dataset", "synthetic_shapes", task="t2i", split="heldout", size=3, image_size=32)
+    sample = ds[0]
+    assert sample["negative"] == f"a {sample['meta']['shape']} on the {sample['meta']['position']}"
+    sampling = {"greedy": False, "temperature": 0.5, "top_k": 4, "seed": 0}
+    spec = EvaluationSpec.model_validate({"t2i": t2i, "guidance_scale": 4.0, "sampling": sampling,
+                                          "negative_prompts": True})
+    results = run_evaluation(model, spec, tmp_path, Console(file=io.StringIO()))
+    on_disk = json.loads((tmp_path / "eval.json").read_text())
+    assert on_disk == {**on_disk, **results} and "t2i_plain_color_acc" in on_disk and "t2i_color_acc" in on_disk
+    a, b = (Image.open(tmp_path / "eval" / f).tobytes() for f in ("t2i_samples.png", "t2i_plain_samples.png"))
+    assert a != b
+    with pytest.raises(ValidationError, match="negative_prompts has no effect at guidance_scale 1"):
+        EvaluationSpec.model_validate({"t2i": t2i, "negative_prompts": True})
+    with pytest.raises(ValidationError, match="negative_prompts applies to T2I"):
+        EvaluationSpec.model_validate({"guidance_scale": 4.0, "negative_prompts": True})

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ..errors import OmnicoreError
-from .engine import check_components, generate_codes, generate_text, stream_text
+from .engine import check_components, check_negative_prompts, generate_codes, generate_text, stream_text
 from .sampling import Sampling
 
 
@@ -91,22 +91,31 @@ def codes_to_images(model, codes: torch.Tensor) -> list:
 
 def generate_images(model, prompts: Sequence[str], n_per_prompt: int = 1, guidance_scale: float = 1.0,
                     batch_size: int = 16, components: Sequence[Sequence[str]] | None = None,
-                    component_scale: float = 1.0, **sampling) -> list:
+                    component_scale: float = 1.0, negative_prompts: Sequence[str | None] | str | None = None,
+                    **sampling) -> list:
     """PIL images, ``n_per_prompt`` per prompt, in prompt order.
 
     ``components``: composable guidance (Liu et al. 2022), one list of K component prompts per prompt (the same K
     for all), e.g. ``[["a blue shape", "a triangle", "a shape on the right"]]`` for "a blue triangle on the right";
-    each pushes the image towards itself with ``component_scale``, on top of the prompt's ``guidance_scale``."""
+    each pushes the image towards itself with ``component_scale``, on top of the prompt's ``guidance_scale``.
+    ``negative_prompts``: one string for all prompts, or one (or None) per prompt: guidance pushes away from it
+    instead of from the unconditional prompt (needs ``guidance_scale`` other than 1), e.g. "a triangle on the
+    right" for "a blue triangle on the right" pushes along what the colour word adds."""
     s = Sampling.from_kwargs(**sampling)
     check_components(components, len(prompts))
+    if isinstance(negative_prompts, str):
+        negative_prompts = [negative_prompts] * len(prompts)
+    check_negative_prompts(negative_prompts, len(prompts))
     captions = [p for p in prompts for _ in range(n_per_prompt)]
     comps = None if components is None else [list(c) for c in components for _ in range(n_per_prompt)]
+    negs = None if negative_prompts is None else [n for n in negative_prompts for _ in range(n_per_prompt)]
     model.eval()
     images = []
     for start in range(0, len(captions), batch_size):
         chunk = None if comps is None else comps[start:start + batch_size]
         codes = generate_codes(model, captions[start:start + batch_size], guidance_scale, s, components=chunk,
-                               component_scale=component_scale)
+                               component_scale=component_scale,
+                               negative_prompts=None if negs is None else negs[start:start + batch_size])
         images += codes_to_images(model, codes)
     return images
 

@@ -3,7 +3,8 @@
 MMU: prompts of different lengths are left padded with a mask, so padding leaves the state untouched and a
 batch gives the same tokens as one-by-one generation. T2I: conditional and unconditional (dropped caption)
 streams share one batch for classifier-free guidance; only image codes are sampled, exactly h*w of them.
-Composable guidance (Liu et al. 2022, on logits) adds K component streams per prompt to the same batch.
+Composable guidance (Liu et al. 2022, on logits) adds K component streams per prompt to the same batch. A negative
+prompt takes the unconditional stream's place, so guidance pushes away from it.
 On CUDA a whole step (sampling, feeding the token, the backbone step and the head) is captured as one CUDA
 graph (``cuda_graph=True``, the default there), kept with its buffers per shape and sampling rule so later calls
 only replay it; the host only refills the noise buffer between replays. The T2I prefill (a prompt of fixed length)
@@ -136,6 +137,20 @@ def check_components(components, n: int) -> int:
     return counts[0] if counts else 0
 
 
+def check_negative_prompts(negative_prompts, n: int) -> None:
+    """A clear error unless ``negative_prompts`` is None or one string (or None) per prompt."""
+    if negative_prompts is None:
+        return
+    if isinstance(negative_prompts, str) or not isinstance(negative_prompts, (list, tuple)) \
+            or len(negative_prompts) != n:
+        got = f"{len(negative_prompts)} entries" if isinstance(negative_prompts, (list, tuple)) else \
+            repr(negative_prompts)
+        raise OmnicoreError(f"negative_prompts: give one negative prompt (or None) per prompt ({n}), got {got}")
+    for i, neg in enumerate(negative_prompts):
+        if neg is not None and not isinstance(neg, str):
+            raise OmnicoreError(f"negative_prompts[{i}]: must be a string or None, got {neg!r}")
+
+
 def _compose(logits: torch.Tensor, B: int, K: int, scale: float, component_scale: float):
     """The (cond, uncond, scale) for ``pick_guided`` whose mix ``uncond + scale * (cond - uncond)`` is the composed
     ``u + s (c - u) + s_c sum_k (c_k - u)``. Rows: c (B), u (B), then c_1 .. c_K (B each)."""
@@ -151,23 +166,27 @@ def _compose(logits: torch.Tensor, B: int, K: int, scale: float, component_scale
 @torch.inference_mode()
 def generate_codes(model, captions: list[str | None], guidance_scale: float = 1.0, sampling: Sampling | None = None,
                    cuda_graph: bool | None = None, components: list[list[str | None]] | None = None,
-                   component_scale: float = 1.0) -> torch.Tensor:
+                   component_scale: float = 1.0, negative_prompts: list[str | None] | None = None) -> torch.Tensor:
     """Captions -> image codes ``(B, h*w)``. ``None`` captions are unconditional.
 
     ``components``: per caption, K further prompts (the same K for all; ``None`` is the unconditional prompt, so it
     adds nothing: padding) composed with it: the sampled logits are
-    ``u + guidance_scale * (c - u) + component_scale * sum_k (c_k - u)`` (u: unconditional, c: the caption)."""
+    ``u + guidance_scale * (c - u) + component_scale * sum_k (c_k - u)`` (u: unconditional, c: the caption).
+    ``negative_prompts``: per caption, the prompt whose logits take u's place in that mix (``None``: the
+    unconditional prompt), so guidance pushes the image away from it: ``n + guidance_scale * (c - n)``; it changes
+    nothing at ``guidance_scale`` 1 without components."""
     s = sampling or Sampling()
     dev = model.device
     B, N = len(captions), model.num_image_codes
     K = check_components(components, B)
+    check_negative_prompts(negative_prompts, B)
     if K and not math.isfinite(component_scale):
         raise OmnicoreError(f"component_scale: must be a finite number, got {component_scale!r}")
     guided = guidance_scale != 1.0 or K > 0
     streams = 2 + K if guided else 1  # rows per caption; every stream of a caption is fed the same code
     prefixes = [model.layout.t2i_prefix(c) for c in captions]
     if guided:
-        prefixes += [model.layout.t2i_prefix(None)] * B
+        prefixes += [model.layout.t2i_prefix(n) for n in (negative_prompts or [None] * B)]
     for k in range(K):
         prefixes += [model.layout.t2i_prefix(comp[k]) for comp in components]
     prefix = torch.tensor(prefixes, device=dev)

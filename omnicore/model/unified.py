@@ -191,11 +191,12 @@ class UnifiedModel(nn.Module):
         return stream_answer(self, image, question, **sampling)
 
     def generate_images(self, prompts, n_per_prompt: int = 1, guidance_scale: float = 1.0, components=None,
-                        component_scale: float = 1.0, **sampling):
+                        component_scale: float = 1.0, negative_prompts=None, **sampling):
         from ..generation.api import generate_images
 
         return generate_images(self, prompts, n_per_prompt=n_per_prompt, guidance_scale=guidance_scale,
-                               components=components, component_scale=component_scale, **sampling)
+                               components=components, component_scale=component_scale,
+                               negative_prompts=negative_prompts, **sampling)
 
     # --- persistence -----------------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> Path:

@@ -156,11 +156,19 @@ class EvaluationSpec(Strict):
     # composable guidance for T2I: each sample's component prompts (the t2i dataset supplies them) push with this
     # scale on top of guidance_scale; the plain-guidance figures are reported too (t2i_plain_*). None: off
     component_scale: Optional[float] = Field(None, gt=0, allow_inf_nan=False)
+    # T2I guidance away from each sample's negative prompt (the t2i dataset supplies it as 'negative'; the
+    # synthetic shapes give the caption without its colour) instead of the unconditional prompt; the
+    # plain-guidance figures are reported too (t2i_plain_*)
+    negative_prompts: bool = False
 
     @model_validator(mode="after")
     def _components_need_t2i(self) -> "EvaluationSpec":
-        if self.component_scale is not None and self.t2i is None:
-            raise ValueError("component_scale applies to T2I: give a 't2i' dataset or leave component_scale out")
+        for name, on in (("component_scale", self.component_scale is not None),
+                         ("negative_prompts", self.negative_prompts)):
+            if on and self.t2i is None:
+                raise ValueError(f"{name} applies to T2I: give a 't2i' dataset or leave {name} out")
+        if self.negative_prompts and self.guidance_scale == 1.0:
+            raise ValueError("negative_prompts has no effect at guidance_scale 1: give a guidance_scale (e.g. 4)")
         return self
 
 

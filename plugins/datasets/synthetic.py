@@ -189,7 +189,10 @@ class SyntheticShapes(Dataset):
                     "image": image, "codes": None, "meta": meta, "tags": tags,
                     "caption_tags": tuple(t for t, keep in zip(tags, named) if keep),
                     # for composable guidance in evaluation (evaluation.component_scale)
-                    "components": components_for(attrs, named, self.components)}
+                    "components": components_for(attrs, named, self.components),
+                    # the caption without its colour, for guidance away from it (evaluation.negative_prompts)
+                    "negative": caption_for(*(a if keep and k != 0 else None
+                                              for k, (a, keep) in enumerate(zip(attrs, named))))}
         answers = {"color": color, "shape": shape, "position": position}
         # random order, also for all three: a fixed order would let a model answer by turn number
         keys = rng.sample(list(QUESTIONS), self.questions_per_sample)
