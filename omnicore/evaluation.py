@@ -80,8 +80,8 @@ def evaluate_t2i(model, dataset, guidance_scale: float, sampling: dict, out_dir:
         compose.update(components=[s["components"] for s in samples], component_scale=component_scale)
     runs: list[tuple[str, dict]] = [("", compose), ("plain_", {})] if compose else [("", {})]
     results: dict[str, float] = {}
-    for prefix, compose in runs:
-        images = generate_images(model, captions, guidance_scale=guidance_scale, **compose, **sampling)
+    for prefix, guide in runs:
+        images = generate_images(model, captions, guidance_scale=guidance_scale, **guide, **sampling)
         image_grid(images[:32], columns=8).save(out_dir / f"t2i_{prefix}samples.png")
         scores = dataset.score_images(images, samples)
         results.update({f"t2i_{prefix}{k}": v for k, v in scores.items()})
