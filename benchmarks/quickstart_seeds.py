@@ -34,8 +34,19 @@ def parse_seeds(text: str) -> list[int]:
     seeds: list[int] = []
     for part in text.split(","):
         lo, _, hi = part.partition("-")
-        seeds.extend(range(int(lo), int(hi or lo) + 1))
+        try:
+            seeds.extend(range(int(lo), int(hi or lo) + 1))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part!r} is not a seed or a range of seeds such as 0-7") from None
+    if not seeds:
+        raise argparse.ArgumentTypeError(f"{text!r} names no seeds")
     return seeds
+
+
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return int(text)
 
 
 def gpu_fp32_overrides(recipe: str, overrides: list[str]) -> list[str]:
@@ -51,8 +62,8 @@ def passes(ev: dict) -> bool:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--recipe", default="quickstart")
-    ap.add_argument("--seeds", default="0-7", help="e.g. 0-7 or 0,3,5-6")
-    ap.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
+    ap.add_argument("--seeds", type=parse_seeds, default="0-7", help="e.g. 0-7 or 0,3,5-6")
+    ap.add_argument("--jobs", type=positive_int, default=2, help="runs at a time (one thread each)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--run-root", default="runs/seeds", help="each run goes to RUN_ROOT/s<seed>")
     ap.add_argument("overrides", nargs="*", help="recipe overrides (key.path=value) applied to every run")
@@ -65,7 +76,7 @@ def main() -> None:
     root = Path(args.run_root)
     root.mkdir(parents=True, exist_ok=True)
     console = Console()
-    pending, running, done = parse_seeds(args.seeds), {}, {}
+    pending, running, done = list(args.seeds), {}, {}
     start = time.time()
     with console.status("") as status:
         while pending or running:

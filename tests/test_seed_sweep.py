@@ -34,3 +34,12 @@ def test_seed_sweep_reports_a_failed_run(tmp_path):
     assert r.returncode == 1, r.stderr[-3000:]
     assert "failed (exit" in r.stdout and "0 of 1 runs meet every target" in r.stdout
     assert "steps" in (root / "s0.log").read_text()  # the run's own one-line error is in its log
+
+
+def test_seed_sweep_rejects_bad_seeds_and_jobs(tmp_path):
+    for args, message in ((["--seeds", "0-x"], "'0-x' is not a seed"), (["--seeds", "5-2"], "names no seeds"),
+                          (["--jobs", "0"], "must be a whole number >= 1")):
+        r = subprocess.run([sys.executable, str(SCRIPT), *args, "--run-root", str(tmp_path / "seeds")],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert not (tmp_path / "seeds").exists()  # nothing started
