@@ -97,7 +97,7 @@ def main() -> None:
 
     console.print(f"{args.recipe} on {args.device}; overrides: {' '.join(args.overrides) or 'none (as shipped)'}")
     table = Table()
-    for col in ("seed", "MMU", "T2I colour", "T2I side", "all targets"):
+    for col in ("seed", "MMU", "T2I colour", "T2I side", "all targets"):  # the middle three: TARGETS' keys
         table.add_column(col)
     n_pass, finished = 0, []
     for seed in sorted(done):
@@ -106,10 +106,10 @@ def main() -> None:
             table.add_row(str(seed), "-", "-", "-", f"failed (exit {done[seed]}, see {root}/s{seed}.log)")
             continue
         ev = json.loads(eval_file.read_text())
-        n_pass += passes(ev)
+        ok = passes(ev)
+        n_pass += ok
         finished.append(ev)
-        table.add_row(str(seed), f"{ev['mmu_accuracy']:.3f}", f"{ev['t2i_color_acc']:.3f}",
-                      f"{ev['t2i_position_acc']:.3f}", "yes" if passes(ev) else "no")
+        table.add_row(str(seed), *(f"{ev[k]:.3f}" for k in TARGETS), "yes" if ok else "no")
     if finished:
         table.add_row("mean", *(f"{sum(ev[k] for ev in finished) / len(finished):.3f}" for k in TARGETS), "")
     console.print(table)
