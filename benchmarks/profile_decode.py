@@ -38,8 +38,11 @@ VARIANTS = {  # name -> (kernel, compile_decode, state update, conv update, merg
     "compiled norm apart": ("auto", True, "triton", "triton", True, 1),
     "compiled norm folded": ("auto", True, "triton", "triton", True, 1),  # at every batch
     "fused step": ("auto", True, "triton", "triton", True, 1),  # the default: fused_step.py where it takes the batch
+    "compiled pdl": ("auto", True, "triton", "triton", True, 1),  # with programmatic dependent launch
+    "fused step pdl": ("auto", True, "triton", "triton", True, 1),
 }
-FUSED = {"fused step"}  # variants with the fused step (model.fused_decode)
+PDL_FROM = {"compiled pdl": 3, "fused step pdl": 1}  # variants with kernels.PDL on: its PDL_MIN_BATCH
+FUSED = {"fused step", "fused step pdl"}  # variants with the fused step (model.fused_decode)
 UNFUSED_DT_A = {"compiled dt/A apart"}  # variants with dt's softplus and -exp(A_log) outside the state update
 FOLD_BELOW = {"compiled dt/A apart": 0, "compiled (session 5)": 0, "compiled norm apart": 0,
               "compiled norm folded": 1 << 30}  # kernels.FOLD_GATED_NORM_BELOW, where not the default
@@ -215,7 +218,9 @@ def main() -> None:
     bw = measure_bandwidth()
     if args.min_gemm_batch is not None:
         fused_step.MIN_GEMM_BATCH = args.min_gemm_batch
-    print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, copy bandwidth {bw / 1e12:.2f} TB/s")
+    print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, copy bandwidth {bw / 1e12:.2f} TB/s, "
+          f"PDL supported: {kernels.pdl_supported(torch.device('cuda'))}, Inductor PDL option: "
+          f"{hasattr(torch._inductor.config.triton, 'enable_pdl')}")
     if args.sweep:
         for b in [int(x) for x in args.batches.split(",")]:
             sweep(b, bw)
@@ -238,6 +243,8 @@ def main() -> None:
         kernels.CONV_UPDATE_IMPL = conv
         kernels.FUSE_DT_A = name not in UNFUSED_DT_A
         kernels.FOLD_GATED_NORM_BELOW = FOLD_BELOW.get(name, fold_default)
+        kernels.PDL = name in PDL_FROM
+        kernels.PDL_MIN_BATCH = PDL_FROM.get(name, kernels.PDL_MIN_BATCH)
         for block in model.layers:
             block.mixer.kernel = kernel
         model.compile_decode = compiled

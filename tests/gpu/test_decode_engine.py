@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import omnicore
-from omnicore.generation.engine import generate_codes, generate_text
+from omnicore.generation.engine import clear_decode_cache, generate_codes, generate_text
 from omnicore.generation.sampling import Sampling
 from omnicore.plugins.backbones import build_mamba2
 
@@ -46,6 +46,36 @@ def test_graph_replay_equals_eager_decoding(model, compiled):
         b = generate_text(model, None, None, qs, s, cuda_graph=False)
         assert a == b or compiled
     model.backbone.compile_decode = None
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager-step", "compiled-step"])
+def test_pdl_changes_no_code(model, compiled):
+    """Programmatic dependent launch (kernels.PDL, here from batch 1) only lets a kernel start while the one before
+    it drains; each waits before it reads anything, so generations are bitwise those without it, graphed or eager.
+    A kernel reading before its producer finished would show as changed codes. Batches 2 and 6 rows: the fused
+    small-batch step (batch 1-2 without guidance) and the compiled or eager step."""
+    from omnicore.plugins.backbones.mamba2 import kernels
+
+    if not kernels.pdl_supported(torch.device("cuda")):
+        pytest.skip("this GPU or triton has no programmatic dependent launch")
+    model.backbone.compile_decode = compiled
+    s = Sampling(temperature=1.0, top_k=8, seed=4)
+    jobs = [(["a red circle on the left", "a blue square on the right"], 1.0),
+            (["a red circle on the left", "a blue square on the right", None], 3.0)]
+    outs = {}
+    kept = kernels.PDL, kernels.PDL_MIN_BATCH
+    try:
+        for pdl in (False, True):
+            kernels.PDL, kernels.PDL_MIN_BATCH = pdl, 1
+            clear_decode_cache(model)  # graphs captured again under this setting
+            outs[pdl] = [generate_codes(model, caps, scale, s, cuda_graph=graph)
+                         for caps, scale in jobs for graph in (True, True, False)]
+    finally:
+        kernels.PDL, kernels.PDL_MIN_BATCH = kept
+        clear_decode_cache(model)
+        model.backbone.compile_decode = None
+    for without, with_pdl in zip(outs[False], outs[True]):
+        assert torch.equal(without, with_pdl)
 
 
 def test_composed_guidance_graph_equals_eager(model):

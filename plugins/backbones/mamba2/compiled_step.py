@@ -22,7 +22,7 @@ from .state import MambaCache
 # moved into the kernel (session 5) it wins at batch 1 too: 1.821 -> 1.535 ms a step (H200, 1.3B shape)
 KERNEL_MIN_BATCH = 1
 CONV_KERNEL_MIN_BATCH = 1  # the one-pass conv update (kernels.conv_update) from this batch on
-_compiled = None
+_compiled: dict = {}  # the compiled step, by whether its Inductor kernels launch with PDL (kernels.pdl_ok)
 _failed: str | None = None
 
 
@@ -73,19 +73,22 @@ def block_step(block, h: torch.Tensor, residual: torch.Tensor | None, cache: Mam
     rest of the process. ``in_proj_weight``: see Mamba2.step (the merged LoRA weight of the task). ``pending``:
     the previous block's gated-norm scale still to be applied to ``h`` (None: none); the returned one is this
     block's (kernels.FOLD_GATED_NORM_BELOW), to pass to the next block or to ``apply_pending``."""
-    global _compiled, _failed
-    if _compiled is None:
+    global _failed
+    pdl = kernels.pdl_ok(h.device, h.shape[0]) and hasattr(torch._inductor.config.triton, "enable_pdl")
+    compiled = _compiled.get(pdl)
+    if compiled is None:
         limit = getattr(torch._dynamo.config, "recompile_limit", None)
         if limit is not None and limit < 32:  # dtype, batch size and task each add a specialisation
             torch._dynamo.config.recompile_limit = 32
-        _compiled = torch.compile(_block_step, dynamic=False)
+        options = {"triton.enable_pdl": True} if pdl else None
+        compiled = _compiled[pdl] = torch.compile(_block_step, dynamic=False, options=options)
     try:
         # decided here, a constant for the compiler (the one-pass kernel, or the PyTorch update fused by Inductor)
         use_kernels = h.shape[0] >= KERNEL_MIN_BATCH and kernels.use_fast(block.mixer.kernel, h)
         conv_kernel = h.shape[0] >= CONV_KERNEL_MIN_BATCH and kernels.conv_kernel_ok(cache.conv_state)
         fold = (use_kernels and kernels.folds_gated_norm(h.shape[0]) and block.mlp is None
                 and block.mixer.can_fold_norm())
-        out = _compiled(block, h, residual, cache.conv_state, cache.ssm_state, use_kernels, in_proj_weight,
+        out = compiled(block, h, residual, cache.conv_state, cache.ssm_state, use_kernels, in_proj_weight,
                         conv_kernel, pending, fold)
         if out[2] is None:
             return out

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import sys
 import types
 from dataclasses import dataclass
@@ -225,6 +226,44 @@ def _(state, x, dt_raw, dt_bias, A_log, B, C, D, z, norm_weight, dt_lo, dt_hi):
 def norm_scale(sumsq: torch.Tensor, dim: int, eps: float) -> torch.Tensor:
     """The gated RMSNorm's per-row scale from ``state_update_gated``'s partial sums: (b, k) -> (b, 1, 1)."""
     return torch.rsqrt(sumsq.sum(-1) / dim + eps)[:, None, None]
+
+
+# Programmatic dependent launch (Hopper and later): omnicore's decode kernels and, in the compiled step, Inductor's
+# kernels are launched so that each may start while the kernel before it drains; each waits (griddepcontrol.wait)
+# before it reads anything, then lets the next one launch. Measured (H200, 1.3B shape, step in a CUDA graph): the
+# compiled step at batch 64 3.405 -> 3.297 ms, but the fused step at batch 1 1.166 -> 1.277 ms, hence PDL_MIN_BATCH
+# (the fused step takes batches 1-2). Off by default until the GPU test written for it has run
+# (tests/gpu/test_decode_engine.py::test_pdl_changes_no_code) and whole generations are measured
+# (bench_generation.py --ablate pdl).
+PDL = False
+PDL_MIN_BATCH = 3
+
+
+def pdl_ok(device: torch.device, rows: int) -> bool:
+    """Whether a decode kernel over ``rows`` batch rows on ``device`` launches with PDL: PDL on, rows at least
+    PDL_MIN_BATCH, and ``pdl_supported``."""
+    return PDL and rows >= PDL_MIN_BATCH and pdl_supported(device)
+
+
+def pdl_supported(device: torch.device) -> bool:
+    """CUDA of compute capability 9 or more, a triton whose launcher takes ``launch_pdl``, not Triton's CPU
+    interpreter (looked up once a device)."""
+    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = ("pdl", index)
+    if key not in _cache:
+        ok = torch.cuda.get_device_capability(index)[0] >= 9 and triton_available()
+        if ok:
+            try:
+                from triton.backends.nvidia.compiler import CUDAOptions
+                from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: F401
+            except ImportError:
+                ok = False
+            else:
+                ok = "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
+        _cache[key] = ok
+    return _cache[key]
 
 
 # The decode step's conv-state shift + depthwise conv + SiLU: "triton" (one pass over the state, triton_step.py)

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_step import conv4_step
+from .triton_step import conv4_step, pdl_launch, pdl_prologue
 
 MAX_ROWS = 4  # rows (batch) one call takes; each row has its own accumulator tile
 
@@ -86,7 +86,8 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, ss_ptr, cs_ptr, cw_ptr, cb_ptr
                  x_m, w_n, o_m, ss_m, cs_b, cs_c, cw_c, res_m, xn_m, pn_m,
                  M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
                  SCALE: tl.constexpr, BLOCK_P: tl.constexpr, CONV: tl.constexpr, CONV_BIAS: tl.constexpr,
-                 RESIDUAL: tl.constexpr, NEXT_NORM: tl.constexpr):
+                 RESIDUAL: tl.constexpr, NEXT_NORM: tl.constexpr, PDL: tl.constexpr):
+    pdl_prologue(PDL)
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -133,7 +134,8 @@ def _gemm_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, ss_ptr, cs_ptr, cw_ptr, cb_ptr
                  x_m, w_n, o_m, ss_m, cs_b, cs_c, cw_c, res_m, xn_m, pn_m,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
                  HAS_BIAS: tl.constexpr, SCALE: tl.constexpr, BLOCK_P: tl.constexpr, CONV: tl.constexpr,
-                 CONV_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, NEXT_NORM: tl.constexpr):
+                 CONV_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, NEXT_NORM: tl.constexpr, PDL: tl.constexpr):
+    pdl_prologue(PDL)
     # all rows (BLOCK_M >= M) and BLOCK_N columns per program, on tensor cores: W is still read once, and each
     # program holds whole rows of its columns, as the epilogues need
     pid = tl.program_id(0)
@@ -255,7 +257,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
                xn_m, pn_m)
     flags = dict(HAS_BIAS=bias is not None, SCALE=scale is not None, BLOCK_P=block_p, CONV=conv is not None,
                  CONV_BIAS=conv is not None and conv[2] is not None, RESIDUAL=residual is not None,
-                 NEXT_NORM=residual is not None and residual[1] is not None)
+                 NEXT_NORM=residual is not None and residual[1] is not None, **pdl_launch(x))
     if M <= MAX_ROWS:
         block_n, block_k, num_warps = tiles[:3]
         _gemv_kernel[grid](*args, *sizes, *strides, M=M, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,

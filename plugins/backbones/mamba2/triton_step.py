@@ -14,6 +14,28 @@ import torch
 import triton
 import triton.language as tl
 
+from . import kernels
+
+try:  # programmatic dependent launch (kernels.pdl_ok is False without these)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:
+    gdc_launch_dependents = gdc_wait = None
+
+
+@triton.jit
+def pdl_prologue(PDL: tl.constexpr):
+    """First thing in a kernel launched with PDL: wait until the kernel before has finished and its writes are
+    visible, then let the next kernel launch (it waits the same way before reading what this one writes)."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+
+
+def pdl_launch(t: torch.Tensor) -> dict:
+    """Launch options and the kernel's PDL flag for a launch over ``t``'s batch rows (dimension 0) on its device."""
+    on = kernels.pdl_ok(t.device, t.shape[0])
+    return {"PDL": on, "launch_pdl": True} if on else {"PDL": False}
+
 
 @triton.jit
 def _softplus(v):
@@ -30,7 +52,8 @@ def _state_update_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, y
                          s_b, s_h, s_p, x_b, x_h, dt_b, B_b, B_g, C_b, C_g, y_b, y_h, z_b, z_h,
                          D_HAS_HDIM: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
                          DT_SOFTPLUS: tl.constexpr, DT_CLAMP: tl.constexpr, A_LOG: tl.constexpr,
-                         GATE: tl.constexpr):
+                         GATE: tl.constexpr, PDL: tl.constexpr):
+    pdl_prologue(PDL)
     pid_p = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // nheads
@@ -124,7 +147,7 @@ def state_update(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torc
                                y.stride(0), y.stride(1), z.stride(0) if gate else 0, z.stride(1) if gate else 0,
                                D_HAS_HDIM=D.dim() == 2, BLOCK_P=block_p,
                                BLOCK_N=block_n, DT_SOFTPLUS=dt_bias is not None, DT_CLAMP=clamp,
-                               A_LOG=a_is_log, GATE=gate, num_warps=num_warps)
+                               A_LOG=a_is_log, GATE=gate, num_warps=num_warps, **pdl_launch(x))
     return (y, sumsq) if gate else y
 
 
@@ -154,7 +177,8 @@ def conv4_step(row, w, new, mask, w_mask, SYNC: tl.constexpr):
 
 @triton.jit
 def _conv_update_kernel(state_ptr, x_ptr, w_ptr, bias_ptr, out_ptr, dim, s_b, s_c, x_b, w_c, o_b,
-                        BLOCK_C: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr):
+                        BLOCK_C: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, PDL: tl.constexpr):
+    pdl_prologue(PDL)
     # d_conv 4, state rows contiguous. Each row is read once and written once, by one thread (BLOCK_C is at least
     # the number of threads, so no element is replicated across threads), its loads before its stores
     pid_c = tl.program_id(0)
@@ -196,7 +220,7 @@ def conv_update(state: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias
     grid = (triton.cdiv(dim, block_c), b)
     _conv_update_kernel[grid](state, x, weight, bias if bias is not None else weight, out, dim, state.stride(0),
                               state.stride(1), x.stride(0), weight.stride(0), out.stride(0), BLOCK_C=block_c,
-                              HAS_BIAS=bias is not None, SILU=silu, num_warps=num_warps)
+                              HAS_BIAS=bias is not None, SILU=silu, num_warps=num_warps, **pdl_launch(x))
     return out
 
 
