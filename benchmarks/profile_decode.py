@@ -235,7 +235,7 @@ def main() -> None:
         prefill(model, [int(x) for x in args.batches.split(",")])
     fused_parity(model, [int(x) for x in args.batches.split(",")])
     rows = []
-    fold_default = kernels.FOLD_GATED_NORM_BELOW
+    fold_default, pdl_from_default = kernels.FOLD_GATED_NORM_BELOW, kernels.PDL_MIN_BATCH
     for name in [v for v in args.variants.split(",") if v]:
         kernel, compiled, impl, conv, merge, ssu_min_batch = VARIANTS[name]
         compiled_step.KERNEL_MIN_BATCH = ssu_min_batch
@@ -244,7 +244,7 @@ def main() -> None:
         kernels.FUSE_DT_A = name not in UNFUSED_DT_A
         kernels.FOLD_GATED_NORM_BELOW = FOLD_BELOW.get(name, fold_default)
         kernels.PDL = name in PDL_FROM
-        kernels.PDL_MIN_BATCH = PDL_FROM.get(name, kernels.PDL_MIN_BATCH)
+        kernels.PDL_MIN_BATCH = PDL_FROM.get(name, pdl_from_default)
         for block in model.layers:
             block.mixer.kernel = kernel
         model.compile_decode = compiled
