@@ -90,7 +90,7 @@ ABLATIONS = {  # name -> (module, attribute, value, what the row is)
     "triton-ssu-from-1": (compiled_step, "KERNEL_MIN_BATCH", 8, "Inductor's state update below batch 8"),
     "fused-step": (fused_step, "MAX_BATCH", 0, "compiled step at batches 1-2 (no fused GEMV step)"),
     "fused-gemm": (fused_step, "MIN_GEMM_BATCH", 16, "fused tensor-core step from batch 16"),
-    "pdl": (kernels, "PDL", True, "programmatic dependent launch from batch 3 (kernels.PDL)"),
+    "pdl": (kernels, "PDL", False, "no programmatic dependent launch (kernels.PDL)"),
 }
 
 

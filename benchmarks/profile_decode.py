@@ -38,10 +38,13 @@ VARIANTS = {  # name -> (kernel, compile_decode, state update, conv update, merg
     "compiled norm apart": ("auto", True, "triton", "triton", True, 1),
     "compiled norm folded": ("auto", True, "triton", "triton", True, 1),  # at every batch
     "fused step": ("auto", True, "triton", "triton", True, 1),  # the default: fused_step.py where it takes the batch
-    "compiled pdl": ("auto", True, "triton", "triton", True, 1),  # with programmatic dependent launch
+    "compiled no pdl": ("auto", True, "triton", "triton", True, 1),  # the default without programmatic dependent launch
     "fused step pdl": ("auto", True, "triton", "triton", True, 1),
 }
-PDL_FROM = {"compiled pdl": 3, "fused step pdl": 1}  # variants with kernels.PDL on: its PDL_MIN_BATCH
+PDL_FROM = {"fused step pdl": 1}  # variants with kernels.PDL on from this batch (the others: the default's setting)
+# variants without PDL: the default without it, and the earlier defaults (PDL on since session 11)
+PDL_OFF = {"compiled no pdl", "compiled (before)", "compiled+merged lora", "compiled+conv kernel",
+           "compiled dt/A apart", "compiled (session 5)"}
 FUSED = {"fused step", "fused step pdl"}  # variants with the fused step (model.fused_decode)
 UNFUSED_DT_A = {"compiled dt/A apart"}  # variants with dt's softplus and -exp(A_log) outside the state update
 FOLD_BELOW = {"compiled dt/A apart": 0, "compiled (session 5)": 0, "compiled norm apart": 0,
@@ -235,7 +238,7 @@ def main() -> None:
         prefill(model, [int(x) for x in args.batches.split(",")])
     fused_parity(model, [int(x) for x in args.batches.split(",")])
     rows = []
-    fold_default, pdl_from_default = kernels.FOLD_GATED_NORM_BELOW, kernels.PDL_MIN_BATCH
+    fold_default, pdl_default, pdl_from_default = kernels.FOLD_GATED_NORM_BELOW, kernels.PDL, kernels.PDL_MIN_BATCH
     for name in [v for v in args.variants.split(",") if v]:
         kernel, compiled, impl, conv, merge, ssu_min_batch = VARIANTS[name]
         compiled_step.KERNEL_MIN_BATCH = ssu_min_batch
@@ -243,7 +246,7 @@ def main() -> None:
         kernels.CONV_UPDATE_IMPL = conv
         kernels.FUSE_DT_A = name not in UNFUSED_DT_A
         kernels.FOLD_GATED_NORM_BELOW = FOLD_BELOW.get(name, fold_default)
-        kernels.PDL = name in PDL_FROM
+        kernels.PDL = (pdl_default or name in PDL_FROM) and name not in PDL_OFF
         kernels.PDL_MIN_BATCH = PDL_FROM.get(name, pdl_from_default)
         for block in model.layers:
             block.mixer.kernel = kernel
