@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,7 @@ from torch import nn
 from ..errors import CheckpointError, OmnicoreError
 from ..registry import registry
 from .layout import IGNORE, Layout
+from .losses import code_balanced_ce
 from .roles import HEAD_INJECTIONS
 
 FORMAT = "omnicore-model"
@@ -156,8 +157,8 @@ class UnifiedModel(nn.Module):
         codes = self.image_tokenizer.encode(images.to(self.device))
         return codes.flatten(1)
 
-    def t2i_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Next-code loss on image codes only."""
+    def t2i_loss(self, batch: dict[str, torch.Tensor], code_balance: float = 0.0) -> torch.Tensor:
+        """Next-code loss on image codes only; ``code_balance`` > 0 weighs codes by rarity (``code_balanced_ce``)."""
         prefix = batch["prefix_ids"].to(self.device)
         codes = batch.get("codes")
         codes = self.images_to_codes(batch["images"]) if codes is None else codes.to(self.device)
@@ -166,17 +167,20 @@ class UnifiedModel(nn.Module):
         h = self.backbone(x, task="t2i")
         p = prefix.shape[1]
         logits = self.heads["image"].logits(h[:, p - 1: p - 1 + codes.shape[1]])
-        return F.cross_entropy(logits.float().flatten(0, 1), codes.flatten())
+        return code_balanced_ce(logits.float().flatten(0, 1), codes.flatten(), code_balance)
 
-    def forward(self, batches: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """Training forward: one batch per task -> one loss per task (each task with its own adapter)."""
-        return {task: self.loss(task, batch) for task, batch in batches.items()}
+    def forward(self, batches: dict[str, dict[str, torch.Tensor]],
+                options: Optional[dict[str, dict]] = None) -> dict[str, torch.Tensor]:
+        """Training forward: one batch per task -> one loss per task (each task with its own adapter).
+        ``options``: keyword arguments of a task's loss, by task (``{"t2i": {"code_balance": 0.5}}``)."""
+        options = options or {}
+        return {task: self.loss(task, batch, **options.get(task, {})) for task, batch in batches.items()}
 
-    def loss(self, task: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def loss(self, task: str, batch: dict[str, torch.Tensor], **options) -> torch.Tensor:
         if task == "mmu":
-            return self.mmu_loss(batch)
+            return self.mmu_loss(batch, **options)
         if task == "t2i":
-            return self.t2i_loss(batch)
+            return self.t2i_loss(batch, **options)
         raise OmnicoreError(f"unknown task {task!r}; tasks: mmu, t2i")
 
     # --- inference (omnicore.generation does the work) -----------------------------------------------

@@ -53,7 +53,14 @@ class DataSpec(ComponentSpec):
 class TaskSpec(Strict):
     batch_size: int = Field(gt=0)
     weight: float = Field(1.0, ge=0)
+    # t2i only: weigh each target code by (its count in the batch) ** -code_balance, so rare codes (the object)
+    # count more against frequent ones (the background); 0 = plain mean (omnicore.model.losses.code_balanced_ce)
+    code_balance: float = Field(0.0, ge=0, le=1)
     data: Optional[DataSpec] = None
+
+    def loss_options(self) -> dict:
+        """Keyword arguments of the task's loss (UnifiedModel.loss) that differ from its defaults."""
+        return {"code_balance": self.code_balance} if self.code_balance else {}
 
 
 class TrainSpec(Strict):

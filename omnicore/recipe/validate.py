@@ -50,6 +50,9 @@ def validate_recipe(loaded: LoadedRecipe) -> list[str]:
             if task not in TASKS:
                 problems.append(f"{loaded.where(base + ('tasks', task))}: stages.{i}.tasks.{task}: unknown task; "
                                 f"tasks: {', '.join(TASKS)}")
+            if tspec.code_balance and task != "t2i":
+                problems.append(f"{loaded.where(base + ('tasks', task, 'code_balance'))}: stages.{i}.tasks.{task}."
+                                f"code_balance: only the t2i task has image codes to balance")
             if tspec.data is not None:
                 _check_component(loaded, base + ("tasks", task, "data"), "dataset", tspec.data, set(), problems)
         if stage.data is not None:
