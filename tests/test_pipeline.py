@@ -67,6 +67,17 @@ def test_layouts_and_losses(tiny_model):
     assert torch.isfinite(lm)
 
 
+def test_code_balance_reaches_the_t2i_loss(tiny_model):
+    """The stage option arrives as forward(batches, options): balance 0 is the plain loss, 1 differs from it."""
+    m = tiny_model.eval()
+    tb = t2i_batch(m, n=4)
+    with torch.no_grad():
+        plain = m({"t2i": tb})["t2i"]
+        assert torch.equal(m({"t2i": tb}, {"t2i": {"code_balance": 0.0}})["t2i"], plain)
+        balanced = m({"t2i": tb}, {"t2i": {"code_balance": 1.0}})["t2i"]
+    assert torch.isfinite(balanced) and not torch.allclose(balanced, plain)
+
+
 def test_tasks_use_their_own_adapters(tiny_model):
     m = tiny_model.eval()
     batch = mmu_batch(m)
