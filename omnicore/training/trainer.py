@@ -227,7 +227,7 @@ def run_unified_stage(model: UnifiedModel, stage: StageSpec, stage_index: int, c
     start_step = _restore_progress(optimizer, resume)
     _set_train_modes(model)
     weights = {t: s.weight for t, s in stage.tasks.items()}
-    loss_options = {t: s.loss_options() for t, s in stage.tasks.items() if s.loss_options()}
+    loss_options = {t: s.loss_options() for t, s in stage.tasks.items()}
 
     def step_fn(step: int) -> dict[str, float]:
         sums = {t: 0.0 for t in stage.tasks}
@@ -238,7 +238,7 @@ def run_unified_stage(model: UnifiedModel, stage: StageSpec, stage_index: int, c
             sync = micro == stage.grad_accum - 1 or not hasattr(wrapped, "no_sync")
             with (contextlib.nullcontext() if sync else wrapped.no_sync()):
                 with autocast_for(stage, ctx.device):
-                    losses = wrapped(batches, loss_options) if loss_options else wrapped(batches)
+                    losses = wrapped(batches, loss_options)
                 total = sum(weights[t] * losses[t] for t in losses) / stage.grad_accum
                 total.backward()
             for t in losses:
