@@ -21,6 +21,7 @@ from omnicore.generation import engine
 from omnicore.generation.engine import clear_decode_cache, generate_codes, generate_text
 from omnicore.generation.sampling import Sampling
 from omnicore.model.unified import build_from_spec
+from omnicore.plugins.backbones.mamba2 import backbone as backbone_module
 from omnicore.plugins.backbones.mamba2 import compiled_step, fused_step, kernels
 
 ROWS: list[dict] = []
@@ -91,6 +92,8 @@ ABLATIONS = {  # name -> (module, attribute, value, what the row is)
     "fused-step": (fused_step, "MAX_BATCH", 0, "compiled step at batches 1-2 (no fused GEMV step)"),
     "fused-gemm": (fused_step, "MIN_GEMM_BATCH", 16, "fused tensor-core step from batch 16"),
     "pdl": (kernels, "PDL", False, "no programmatic dependent launch (kernels.PDL)"),
+    "prefill-lora": (backbone_module, "MERGE_LORA_PREFILL", False, "prefill through peft's unmerged adapters"),
+    "short-scan": (kernels, "SHORT_SCAN", False, "prefill by mamba_ssm's chunked scan (no one-kernel short scan)"),
 }
 
 

@@ -3,7 +3,8 @@
 At the 1.3B shape (bench_generation.omni_model: random weights, bf16, 72-token prefix + 256 codes, temperature 1,
 top_k 1000) and each batch: the whole generate_codes call, the prefill, one replay of the captured step (graph
 alone and with the host's noise refill), the host loop of 256 steps, and each part of the step captured on its
-own (sampler, code embedding, backbone step, head); with --profile the heaviest kernels of a replayed step.
+own (sampler, code embedding, backbone step, head); with --profile the heaviest kernels of a replayed step; the
+eager prefill with the one-kernel short scan and with mamba_ssm's chunked scan (--profile-prefill: their kernels).
 Works on HEAD's engine too (for before/after in one run). Run: python benchmarks/profile_t2i_step.py [--combos 1:1,64:1,64:3] [--profile]
 """
 
@@ -54,6 +55,8 @@ def main() -> None:
     ap.add_argument("--combos", default="1:1,16:1,64:1,64:3", help="batch:guidance_scale pairs")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--profile-prefill", action="store_true", help="kernel tables of one eager prefill, short "
+                    "scan and chunked scan")
     args = ap.parse_args()
     tag = args.tag or os.path.basename(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     model = omni_model()
@@ -93,6 +96,27 @@ def main() -> None:
                     ses.logits.copy_(model.heads["image"].logits(h[:, -1]))
 
             pre = wall(prefill)
+            from omnicore.plugins.backbones.mamba2 import kernels
+
+            kernels.SHORT_SCAN = False
+            pre_chunked = wall(prefill)
+            kernels.SHORT_SCAN = True
+            print(f"{name}: eager prefill {pre * 1e3:.2f} ms with the short scan, {pre_chunked * 1e3:.2f} ms with "
+                  f"mamba_ssm's chunked scan", flush=True)
+            if args.profile_prefill and scale == 1:
+                from torch.profiler import ProfilerActivity, profile
+
+                for short in (True, False):
+                    kernels.SHORT_SCAN = short
+                    prefill()
+                    torch.cuda.synchronize()
+                    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                        prefill()
+                        torch.cuda.synchronize()
+                    print(f"\n{name}: kernels of one eager prefill, {'short scan' if short else 'chunked scan'}")
+                    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25,
+                                                    max_name_column_width=70), flush=True)
+                kernels.SHORT_SCAN = True
             rows = ses.logits.shape[0]
             parts = {}
             with torch.inference_mode():

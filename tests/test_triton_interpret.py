@@ -1,5 +1,5 @@
 """The Triton kernels written for CUDA (the fused top-k sampler, the one-pass SSM state update with and without the
-gated norm, the prefill's causal conv) checked on the CPU with Triton's interpreter (TRITON_INTERPRET=1, in a subprocess, since it is read when
+gated norm, the prefill's causal conv and short scan) checked on the CPU with Triton's interpreter (TRITON_INTERPRET=1, in a subprocess, since it is read when
 kernels are defined)."""
 
 from __future__ import annotations
@@ -99,6 +99,33 @@ SCRIPT = textwrap.dedent("""
             assert got.shape == (2, l, dim) and got.is_contiguous()
             assert torch.allclose(got.double(), ref.transpose(1, 2), rtol=1e-4, atol=1e-4), (l, st is None)
         assert torch.equal(cstate, cstate.clone())  # only read
+
+    # the prefill's one-kernel short scan against the chunked PyTorch scan in float64: strided views of one wide
+    # tensor (as in_proj's and the conv's outputs), dt's softplus (+ clamp) in the kernel, 1 and 2 groups, D per head
+    # and per channel, several heads a program, the final state written over whatever the cache held
+    from omnicore.plugins.backbones.mamba2 import triton_short_scan
+    from omnicore.plugins.backbones.mamba2.ssd import ssd_chunked
+    for (b, l, h, p, n, g, per_channel, limit, heads) in [(2, 13, 4, 8, 16, 2, False, (0.0, float("inf")), None),
+                                                         (3, 37, 4, 16, 8, 1, True, (1e-3, 0.5), 2),
+                                                         (1, 2, 2, 4, 4, 1, False, (0.0, float("inf")), 2)]:
+        wide = torch.randn(b, l, h * p + 2 * g * n + 5 + h)
+        x = wide[..., :h * p].reshape(b, l, h, p)
+        B_ = wide[..., h * p:h * p + g * n].reshape(b, l, g, n)
+        C_ = wide[..., h * p + g * n:h * p + 2 * g * n].reshape(b, l, g, n)
+        dt_raw, dt_bias, A_log = wide[..., -h:], torch.randn(h), torch.randn(h)
+        D = torch.randn(h, p) if per_channel else torch.randn(h)
+        dt = F.softplus(dt_raw.double() + dt_bias.double()).clamp(*limit)
+        y_ref, s_ref = ssd_chunked(x.double(), dt, -torch.exp(A_log.double()), B_.double(), C_.double(), 8,
+                                   D=D.double())
+        st = torch.full((b, h, p, n), 7.0)
+        y = triton_short_scan.short_scan(x, dt_raw, dt_bias, A_log, B_, C_, D, st, dt_limit=limit, heads=heads)
+        assert torch.allclose(y.double(), y_ref, rtol=1e-4, atol=1e-4), (b, l, h)
+        assert torch.allclose(st.double(), s_ref, rtol=1e-4, atol=1e-4), (b, l, h)
+        assert torch.equal(triton_short_scan.short_scan(x, dt_raw, dt_bias, A_log, B_, C_, D, None,
+                                                        dt_limit=limit), y)
+        if limit[0] > 0:  # checked to fail: without the clamp the outputs differ
+            y = triton_short_scan.short_scan(x, dt_raw, dt_bias, A_log, B_, C_, D, None)
+            assert not torch.allclose(y.double(), y_ref, rtol=1e-4, atol=1e-4)
 
     print("ok")
 """)

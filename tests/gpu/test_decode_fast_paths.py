@@ -1,5 +1,6 @@
 """GPU: the decode step's fast paths give what the plain step gives: merged per-task LoRA weights (one in_proj
-product instead of peft's three), the one-pass conv-state update kernel, the prefill's Triton causal conv and (compiled)
+product instead of peft's three, in the step and the prefill), the one-pass conv-state update kernel, the prefill's
+Triton causal conv and short scan and (compiled)
 the gated norm folded into the state update, eager and compiled; the fused small-batch step (three Triton kernels a
 layer, fused_step.py); a kept CUDA graph sees weights changed after its capture.
 
@@ -45,7 +46,9 @@ def test_conv_update_kernel_matches_pytorch(dtype):
         assert triton_step.conv_update(state, x, w, None, silu=False).shape == (b, dim)
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
+# fp32 1e-3: the plain prefill's chunked scan (mamba_ssm) multiplies in TF32; its final state is ~1e-3 off the exact
+# one where the short scan's is ~1e-6 (tests/gpu/test_mamba2_parity.py's short-scan rows)
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-3), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_merged_lora_and_conv_kernel_match_the_plain_step(compiled, dtype, tol):
     torch.manual_seed(0)  # built outside inference mode: inference-tensor weights are never merged
@@ -65,22 +68,23 @@ def _compare_plain_and_fast(m, compiled, dtype, tol):
     B, P, N = 8, 17, 6
     x = torch.randn(B, P + N, 512, device="cuda", dtype=dtype)
     outs = {}
-    old = kernels.CONV_UPDATE_IMPL, kernels.PREFILL_CONV_IMPL, kernels.FOLD_GATED_NORM_BELOW
+    old = kernels.CONV_UPDATE_IMPL, kernels.PREFILL_CONV_IMPL, kernels.FOLD_GATED_NORM_BELOW, kernels.SHORT_SCAN
     try:
         for fast in (False, True):
             kernels.CONV_UPDATE_IMPL = kernels.PREFILL_CONV_IMPL = "triton" if fast else "torch"
+            kernels.SHORT_SCAN = fast
             kernels.FOLD_GATED_NORM_BELOW = 1 << 30 if fast else 0  # compiled: the norm's scale in the next block
             m.merge_lora_decode = fast
             state = m.allocate_inference_state(B, P + N)
-            m(x[:, :P], task="t2i", state=state)
+            prefill = m(x[:, :P], task="t2i", state=state)  # fast: merged weight and short scan (CUDA prefill)
             steps = [m(x[:, t:t + 1], task="t2i", state=state) for t in range(P, P + N)]
             outs[fast] = (torch.cat(steps, 1).float(), state.layers[-1].ssm_state.float(),
-                          state.layers[-1].conv_state.float())
+                          state.layers[-1].conv_state.float(), prefill.float())
     finally:
-        kernels.CONV_UPDATE_IMPL, kernels.PREFILL_CONV_IMPL, kernels.FOLD_GATED_NORM_BELOW = old
+        kernels.CONV_UPDATE_IMPL, kernels.PREFILL_CONV_IMPL, kernels.FOLD_GATED_NORM_BELOW, kernels.SHORT_SCAN = old
         m.merge_lora_decode = True
     assert all("t2i" in b.mixer.in_proj.__dict__.get(lora._DECODE_CACHE, {}) for b in m.layers)  # merged ran
-    for i, what in enumerate(("outputs", "final ssm state", "final conv state")):
+    for i, what in enumerate(("outputs", "final ssm state", "final conv state", "prefill")):
         err = rel(outs[True][i], outs[False][i])
         print(f"\nmerged lora + conv kernel vs plain step, {'compiled' if compiled else 'eager'} {what} ({dtype}): "
               f"rel_err={err:.2e}")

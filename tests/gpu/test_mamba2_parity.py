@@ -221,3 +221,33 @@ def test_state_update_kernels_match_the_pytorch_step(impl, dtype):
                 report(f"state update raw state {(b, h, p, n, g)}", rel(raw_state, ref), dtype)
     finally:
         kernels.STATE_UPDATE_IMPL = old
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("length", [2, 73, 128])
+@torch.inference_mode()
+def test_short_scan_prefill_matches_the_chunked_scan(shape, dtype, length, monkeypatch):
+    """A short prompt from an empty state through the one-kernel short scan: the same outputs, final state and
+    following decode steps as mamba_ssm's chunked scan and the PyTorch path."""
+    model = model_for(shape, dtype).eval()
+    B, N = 5, 4
+    x = torch.randn(B, length + N, model.d_model, device="cuda", dtype=dtype)
+    calls = []
+    real = kernels.short_scan
+    monkeypatch.setattr(kernels, "short_scan", lambda *a, **k: calls.append(1) or real(*a, **k))
+    outs = {}
+    for name, kernel, short in [("torch", "torch", False), ("chunked", "mamba_ssm", False),
+                                ("short", "mamba_ssm", True)]:
+        monkeypatch.setattr(kernels, "SHORT_SCAN", short)
+        set_kernel(model, kernel)
+        state = model.allocate_inference_state(B, length + N)
+        y = model(x[:, :length], state=state)
+        last = state.layers[-1]
+        ssm, conv = last.ssm_state.clone(), last.conv_state.clone()
+        steps = torch.cat([model(x[:, t:t + 1], state=state) for t in range(length, length + N)], 1)
+        outs[name] = (y, ssm, conv, steps, model(x[:, :length]))  # the last: no state at all
+    assert len(calls) == 2 * model.n_layer  # with and without a state, every layer, only when switched on
+    for ref in ("chunked", "torch"):
+        for i, what in enumerate(["prefill", "final ssm state", "conv state", "decode after", "forward, no state"]):
+            report(f"short scan {what} {shape} L={length} (vs {ref})", rel(outs["short"][i], outs[ref][i]), dtype)

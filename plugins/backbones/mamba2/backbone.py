@@ -22,6 +22,9 @@ from .mixer import Mamba2
 from .state import InferenceState
 
 _SKIPPED = ("embedding.weight", "lm_head.weight")
+# CUDA prefills through the task's merged LoRA weight (False: peft's adapters; bench_generation.py --ablate
+# prefill-lora)
+MERGE_LORA_PREFILL = True
 
 
 class LoadResult(NamedTuple):
@@ -104,7 +107,11 @@ class Mamba2Backbone(nn.Module):
         checkpoint = self.gradient_checkpointing and self.training and state is None and torch.is_grad_enabled()
         compiled = (state is not None and l == 1 and mask is None and not torch.is_grad_enabled()
                     and compiled_step.wanted(self.compile_decode, inputs_embeds))
-        merge = state is not None and l == 1 and self.merge_lora_decode and not torch.is_grad_enabled()
+        # the task's merged LoRA weight: one product for in_proj instead of three and an add; for prefills too on
+        # CUDA (MERGE_LORA_PREFILL), where the adapter's products cost time at large batches; CPU prefills keep
+        # peft's unmerged adapters
+        merge = (state is not None and self.merge_lora_decode and not torch.is_grad_enabled()
+                 and (l == 1 or (MERGE_LORA_PREFILL and inputs_embeds.is_cuda)))
         h, residual = inputs_embeds, None
         pending = None  # a compiled block's gated-norm scale still to apply to h (compiled_step.block_step)
         for i, block in enumerate(self.layers):

@@ -324,3 +324,26 @@ def causal_conv(x: torch.Tensor, state: Optional[torch.Tensor], weight: torch.Te
 @causal_conv.register_fake
 def _(x, state, weight, bias):
     return x.new_empty(x.shape)
+
+
+# The prefill of a short prompt (at most triton_short_scan.MAX_LEN tokens) from an empty state, without a mask and
+# without gradients: one Triton kernel (triton_short_scan.py) instead of mamba_ssm's chunked scan. False: the
+# chunked scan as for longer prompts (benchmarks compare the two: bench_generation.py --ablate short-scan).
+SHORT_SCAN = True
+
+
+def short_scan_ok(x: torch.Tensor, seqlen: int) -> bool:
+    """Whether the one-kernel short scan takes this prefill: SHORT_SCAN on, CUDA, triton, no gradients, a length
+    and dtype it supports."""
+    if not SHORT_SCAN or not x.is_cuda or not triton_available() or torch.is_grad_enabled():
+        return False
+    from .triton_short_scan import supported
+
+    return supported(seqlen, x)
+
+
+def short_scan(x, dt_raw, dt_bias, A_log, B, C, D, state_out, dt_limit):
+    """triton_short_scan.short_scan: y (b, l, h, p); the final state written into ``state_out`` when given."""
+    from .triton_short_scan import short_scan as triton_short_scan
+
+    return triton_short_scan(x, dt_raw, dt_bias, A_log, B, C, D, state_out, dt_limit=tuple(dt_limit))

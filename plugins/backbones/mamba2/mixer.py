@@ -69,6 +69,12 @@ class Mamba2(nn.Module):
     def _split(self, zxbcdt: torch.Tensor):
         return torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.nheads], dim=-1)
 
+    def _in_proj(self, u: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        """in_proj (with its task adapter), or one product with ``weight`` (the merged LoRA weight) and its bias."""
+        if weight is None:
+            return self.in_proj(u)
+        return F.linear(u, weight, getattr(self.in_proj, "base_layer", self.in_proj).bias)
+
     def _dt(self, dt: torch.Tensor) -> torch.Tensor:
         dt = F.softplus(_up(dt) + _up(self.dt_bias))
         if self.dt_limit != (0.0, float("inf")):
@@ -92,16 +98,20 @@ class Mamba2(nn.Module):
                 use_kernels: bool | None = None, in_proj_weight: torch.Tensor | None = None,
                 conv_kernel: bool | None = None) -> torch.Tensor:
         """u (B, L, d_model) -> (B, L, d_model). mask (B, L) bool: False positions leave the cache untouched.
-        One-token steps only: ``use_kernels`` None decides by ``kernel`` and the tensor, True/False as decided by
-        the caller (the compiled step decides outside the compiled region); ``in_proj_weight`` replaces in_proj
-        (the backbone passes the task's merged LoRA weight, lora.decode_weight); ``conv_kernel`` picks the one-pass
-        conv update (None: where it can run)."""
+        ``in_proj_weight`` replaces in_proj (the backbone passes the task's merged LoRA weight,
+        lora.decode_weight). One-token steps only: ``use_kernels`` None decides by ``kernel`` and the tensor,
+        True/False as decided by the caller (the compiled step decides outside the compiled region);
+        ``conv_kernel`` picks the one-pass conv update (None: where it can run)."""
         if cache is not None and u.shape[1] == 1:
             return self.step(u, cache, None if mask is None else mask[:, 0], use_kernels, in_proj_weight, conv_kernel)
         b, l, _ = u.shape
         fast = kernels.use_fast(self.kernel, u)
-        z, xBC, dt = self._split(self.in_proj(u))
-        dt = self._dt(dt)
+        z, xBC, dt_raw = self._split(self._in_proj(u, in_proj_weight))
+        # a short prompt from an empty state (the T2I prefix): one Triton kernel instead of the chunked scan's five,
+        # with dt's softplus inside it and the final state written straight into the cache
+        short = (mask is None and (cache is None or cache.empty) and self.kernel != "torch"
+                 and kernels.short_scan_ok(u, l))
+        dt = None if short else self._dt(dt_raw)
         m = None if mask is None else mask[..., None].to(xBC.dtype)
         if m is not None:
             xBC, dt = xBC * m, dt * m.to(dt.dtype)
@@ -115,6 +125,12 @@ class Mamba2(nn.Module):
         A = -torch.exp(_up(self.A_log))
         D = self.D.reshape(self.nheads, self.headdim) if self.D_has_hdim else self.D
         init = None if cache is None or cache.empty else cache.ssm_state
+        if short:
+            y = kernels.short_scan(x, dt_raw, self.dt_bias, self.A_log, B, C, D,
+                                   None if cache is None else cache.ssm_state, self.dt_limit)
+            if cache is not None:
+                cache.empty = False
+            return self._out(y.reshape(b, l, self.d_inner), z)
         if fast:
             y, final = kernels.fast_ops().chunk_scan(
                 x, dt, A, B, C, self.chunk_size, D=D, z=None, dt_bias=None,
@@ -170,11 +186,7 @@ class Mamba2(nn.Module):
         fast = kernels.use_fast(self.kernel, u) if use_kernels is None else use_kernels
         ops = kernels.fast_ops() if fast else None
         cache.empty = False
-        if in_proj_weight is None:
-            zxbcdt = self.in_proj(u[:, 0])
-        else:
-            zxbcdt = F.linear(u[:, 0], in_proj_weight, getattr(self.in_proj, "base_layer", self.in_proj).bias)
-        z, xBC, dt_raw = self._split(zxbcdt)
+        z, xBC, dt_raw = self._split(self._in_proj(u[:, 0], in_proj_weight))
         # the one-pass Triton state update can apply dt's softplus and A = -exp(A_log) itself (kernels.FUSE_DT_A)
         raw = ops is not None and mask is None and kernels.fuses_dt_a()
         dt = None if raw else self._dt(dt_raw)
