@@ -76,7 +76,7 @@ def bench_short_scan(rows_list, lengths) -> None:
             y = triton_short_scan.short_scan(x, dt_raw, dt_bias, A_log, B, C, D, state)
             err_y = float((y.float() - y_ref.float()).abs().max() / y_ref.float().abs().max())
             err_s = float((state.float() - s_ref.float()).abs().max() / s_ref.float().abs().max())
-            print(line + f" us; default {triton_short_scan._heads_per_program(h, h, b)} heads; rel. diff y "
+            print(line + f" us; default {triton_short_scan.HEADS_PER_PROGRAM} heads; rel. diff y "
                   f"{err_y:.1e}, state {err_s:.1e}", flush=True)
 
 

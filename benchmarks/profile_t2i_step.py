@@ -23,6 +23,7 @@ from timing import replay_ms  # noqa: E402
 
 from omnicore.generation import engine  # noqa: E402
 from omnicore.generation.sampling import Sampling, pick_token  # noqa: E402
+from omnicore.plugins.backbones.mamba2 import kernels  # noqa: E402
 
 
 def graphed(fn):
@@ -96,11 +97,10 @@ def main() -> None:
                     ses.logits.copy_(model.heads["image"].logits(h[:, -1]))
 
             pre = wall(prefill)
-            from omnicore.plugins.backbones.mamba2 import kernels
-
+            short_scan = kernels.SHORT_SCAN
             kernels.SHORT_SCAN = False
             pre_chunked = wall(prefill)
-            kernels.SHORT_SCAN = True
+            kernels.SHORT_SCAN = short_scan
             print(f"{name}: eager prefill {pre * 1e3:.2f} ms with the short scan, {pre_chunked * 1e3:.2f} ms with "
                   f"mamba_ssm's chunked scan", flush=True)
             if args.profile_prefill and scale == 1:
@@ -116,7 +116,7 @@ def main() -> None:
                     print(f"\n{name}: kernels of one eager prefill, {'short scan' if short else 'chunked scan'}")
                     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25,
                                                     max_name_column_width=70), flush=True)
-                kernels.SHORT_SCAN = True
+                kernels.SHORT_SCAN = short_scan
             rows = ses.logits.shape[0]
             parts = {}
             with torch.inference_mode():

@@ -122,15 +122,15 @@ class Mamba2(nn.Module):
         x = x.reshape(b, l, self.nheads, self.headdim)
         B = B.reshape(b, l, self.ngroups, self.d_state)
         C = C.reshape(b, l, self.ngroups, self.d_state)
-        A = -torch.exp(_up(self.A_log))
         D = self.D.reshape(self.nheads, self.headdim) if self.D_has_hdim else self.D
-        init = None if cache is None or cache.empty else cache.ssm_state
-        if short:
+        if short:  # A = -exp(A_log) is taken inside the kernel
             y = kernels.short_scan(x, dt_raw, self.dt_bias, self.A_log, B, C, D,
                                    None if cache is None else cache.ssm_state, self.dt_limit)
             if cache is not None:
                 cache.empty = False
             return self._out(y.reshape(b, l, self.d_inner), z)
+        A = -torch.exp(_up(self.A_log))
+        init = None if cache is None or cache.empty else cache.ssm_state
         if fast:
             y, final = kernels.fast_ops().chunk_scan(
                 x, dt, A, B, C, self.chunk_size, D=D, z=None, dt_bias=None,

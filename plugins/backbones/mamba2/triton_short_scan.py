@@ -90,10 +90,9 @@ def supported(seqlen: int, x: torch.Tensor) -> bool:
     return 1 < seqlen <= MAX_LEN and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _heads_per_program(nheads: int, heads_per_group: int, batch: int) -> int:
-    # one head a program, 4 warps: at the 1.3B shape, batch 64, 72 tokens, 186 us against 282-589 us for 2-8 heads
-    # a program sharing one C B^T, and 633 us for the chunked scan with its state copy (benchmarks/bench_kernels.py)
-    return 1
+# One head a program, 4 warps: at the 1.3B shape, batch 64, 72 tokens, 186 us against 282-589 us for 2-8 heads a
+# program sharing one C B^T, and 633 us for the chunked scan with its state copy (benchmarks/bench_kernels.py)
+HEADS_PER_PROGRAM = 1
 
 
 def short_scan(x: torch.Tensor, dt_raw: torch.Tensor, dt_bias: torch.Tensor, A_log: torch.Tensor,
@@ -111,7 +110,7 @@ def short_scan(x: torch.Tensor, dt_raw: torch.Tensor, dt_bias: torch.Tensor, A_l
     # the kernel takes any strides but the last (a conv output in the (B, C, L) layout, transposed, has others)
     x, dt_raw, B, C = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, dt_raw, B, C))
     hpg = nh // g
-    heads = heads or _heads_per_program(nh, hpg, b)
+    heads = heads or HEADS_PER_PROGRAM
     if hpg % heads:
         raise ValueError(f"short_scan: heads {heads} a program must divide the {hpg} heads of a group")
     y = torch.empty(b, l, nh, p, device=x.device, dtype=x.dtype)
