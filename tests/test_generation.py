@@ -75,6 +75,19 @@ def test_guidance_scale_zero_is_unconditional(model):
     assert not torch.allclose(first[0], first[1])
 
 
+def test_greedy_codes_are_the_training_forwards_argmax(model):
+    """Decoding feeds each code with the pooled caption added, as training does (heads.caption_pool): greedy codes
+    are exactly the argmax of the teacher-forced logits over themselves."""
+    assert "caption_pool" in model.heads
+    caption = "a red circle on the right"
+    codes = generate_codes(model, [caption], 1.0, Sampling(greedy=True))
+    prefix = torch.tensor([model.layout.t2i_prefix(caption)])
+    with torch.no_grad():
+        assert torch.equal(model.t2i_logits(prefix, codes).argmax(-1), codes)
+        # the unconditional (dropped caption) prefix pools to no condition at all, so guidance's u is unchanged
+        assert torch.count_nonzero(model.t2i_condition(torch.tensor([model.layout.t2i_prefix(None)]))) == 0
+
+
 def test_top_k_one_is_greedy(model):
     a = generate_codes(model, ["a yellow circle on the right"], 2.0, Sampling(temperature=1.0, top_k=1, seed=5))
     b = generate_codes(model, ["a yellow circle on the right"], 2.0, Sampling(greedy=True))

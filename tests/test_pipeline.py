@@ -116,7 +116,7 @@ def test_tiny_quickstart_runs_end_to_end(tmp_path):
     last = {rec["stage"]: rec["step"] for rec in records if "step" in rec}
     assert last == {"tokenizer": 3, "encoder": 3, "stage1_mmu": 3, "stage1_t2i": 3, "stage2_unified": 4}
     starts = {rec["stage"]: rec["trainable"] for rec in records if rec.get("event") == "start"}
-    assert set(starts["stage1_t2i"]) == {"heads.image", "heads.caption", "heads.t2i_positions",
+    assert set(starts["stage1_t2i"]) == {"heads.image", "heads.caption", "heads.caption_pool", "heads.t2i_positions",
                                          "backbone"}  # backbone: the t2i adapter only
     assert starts["stage1_t2i"]["backbone"] < starts["stage2_unified"]["backbone"]
     assert "encoder" not in starts["stage1_mmu"] and "encoder" not in starts["stage2_unified"]  # pretrained, frozen

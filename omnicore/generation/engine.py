@@ -44,6 +44,7 @@ class _Session:
         self.finished = torch.zeros(batch, dtype=torch.bool, device=dev)
         self.offsets = torch.zeros(rows, dtype=torch.long, device=dev)  # position of the first decoded token
         self.out = torch.zeros(batch, n_out, dtype=torch.long, device=dev)  # T2I: the codes sampled so far
+        self.condition: torch.Tensor | None = None  # T2I: each row's pooled caption (heads.caption_pool), or None
         self.runner: GraphedStep | None = None
         self.prefill_runner: GraphedStep | None = None  # T2I: the prefill, over a fixed-shape prompt buffer
         self.prompt: torch.Tensor | None = None
@@ -51,7 +52,7 @@ class _Session:
         self.generator: torch.Generator | None = None
 
     def _own_buffers(self) -> list[torch.Tensor]:
-        extra = [self.seen] if self.seen is not None else []
+        extra = [t for t in (self.seen, self.condition) if t is not None]
         return [self.logits, self.t, self.token, self.finished, self.offsets, self.out, *extra]
 
     def buffers(self) -> list[torch.Tensor]:
@@ -195,9 +196,11 @@ def generate_codes(model, captions: list[str | None], guidance_scale: float = 1.
     # the scales are constants of the captured step, K and the rows are its shape
     ses = _session(model, "t2i", rows, B, _vocab(model, "image"), _round_up(Lp + N), s, graph, n_out=N,
                    extra=(float(guidance_scale), K, float(component_scale) if K else None, Lp))
-    ses.start(s)
     if ses.prompt is None:
         ses.prompt = torch.zeros_like(prefix)
+        condition = model.t2i_condition(prefix)  # allocated before any capture, refilled by the prefill
+        ses.condition = None if condition is None else torch.zeros_like(condition)
+    ses.start(s)
     ses.prompt.copy_(prefix)
 
     def prefill() -> None:
@@ -207,6 +210,8 @@ def generate_codes(model, captions: list[str | None], guidance_scale: float = 1.
         x = model.add_positions(model.t2i_prefix_embeddings(ses.prompt), "t2i_positions")
         h = model.backbone(x, task="t2i", state=ses.state)
         ses.logits.copy_(model.heads["image"].logits(h[:, -1]))
+        if ses.condition is not None:
+            ses.condition.copy_(model.t2i_condition(ses.prompt))
 
     # T2I prompts always have the same length, so the prefill is captured too: at small batches its ~0.1 s of eager
     # kernel launches (1.3B shape, 48 layers of chunked-scan kernels) was most of its cost; at batch 64 the GPU work
@@ -234,7 +239,7 @@ def generate_codes(model, captions: list[str | None], guidance_scale: float = 1.
     def step() -> None:
         code = sample()
         feed = code.repeat(streams)  # [code, code, ...]: the same code to the caption's every stream
-        e = model.add_positions(model.code_embeddings(feed[:, None]), "t2i_positions",
+        e = model.add_positions(model.code_embeddings(feed[:, None], ses.condition), "t2i_positions",
                                 (ses.offsets + ses.t)[:, None])
         out_h = model.backbone(e, task="t2i", state=ses.state)
         ses.logits.copy_(model.heads["image"].logits(out_h[:, -1]))

@@ -57,6 +57,11 @@ class Layout:
     def t2i_prefix_len(self) -> int:
         return self.caption_reads * (self.max_caption_tokens + 2) + 2
 
+    @property
+    def caption_slice(self) -> slice:
+        """Where the (first read of the) caption's tokens sit in a T2I prefix, padding included."""
+        return slice(2, 2 + self.max_caption_tokens)
+
     def t2i_prefix(self, caption: str | None) -> list[int]:
         """The conditioning prefix; ``None`` gives the unconditional (dropped caption) prefix."""
         ids = [] if caption is None else self.tokenizer.encode(caption.strip())

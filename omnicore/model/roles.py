@@ -19,6 +19,7 @@ HEAD_INJECTIONS = {
     "text": {"vocab_size", "d_model"},
     "image": {"codebook_size", "d_model"},
     "caption": {"d_model"},
+    "caption_pool": {"d_model"},
     "mmu_positions": {"d_model"},
     "t2i_positions": {"d_model"},
     "contrastive": {"vocab_size", "encoder_dim"},

@@ -137,8 +137,17 @@ class UnifiedModel(nn.Module):
         x = self.text_embed(prefix_ids.to(self.device))
         return self.heads["caption"](x) if "caption" in self.heads else x
 
-    def code_embeddings(self, codes: torch.Tensor) -> torch.Tensor:
-        return self.heads["image"].embed(codes.to(self.device))
+    def t2i_condition(self, prefix_ids: torch.Tensor) -> torch.Tensor | None:
+        """``(B, 1, d_model)``: the caption pooled by ``heads.caption_pool``, which every image-code position adds
+        to its input; ``None`` without that head. Pads are left out, so the unconditional prefix pools to zero."""
+        if "caption_pool" not in self.heads:
+            return None
+        ids = prefix_ids[:, self.layout.caption_slice].to(self.device)
+        return self.heads["caption_pool"](self.text_embed(ids), ids != self.text_tokenizer.pad_id)[:, None]
+
+    def code_embeddings(self, codes: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        e = self.heads["image"].embed(codes.to(self.device))
+        return e if condition is None else e + condition.to(e.dtype)
 
     # --- losses ----------------------------------------------------------------------------------------
     def mmu_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -162,12 +171,18 @@ class UnifiedModel(nn.Module):
         prefix = batch["prefix_ids"].to(self.device)
         codes = batch.get("codes")
         codes = self.images_to_codes(batch["images"]) if codes is None else codes.to(self.device)
-        x = torch.cat([self.t2i_prefix_embeddings(prefix), self.code_embeddings(codes)], dim=1)
-        x = self.add_positions(x, "t2i_positions")
-        h = self.backbone(x, task="t2i")
-        p = prefix.shape[1]
-        logits = self.heads["image"].logits(h[:, p - 1: p - 1 + codes.shape[1]])
+        logits = self.t2i_logits(prefix, codes)
         return code_balanced_ce(logits.float().flatten(0, 1), codes.flatten(), code_balance)
+
+    def t2i_logits(self, prefix: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced next-code logits ``(B, N, codebook)``: row ``i`` scores code ``i`` given the prefix and
+        codes ``< i``."""
+        prefix = prefix.to(self.device)
+        x = torch.cat([self.t2i_prefix_embeddings(prefix), self.code_embeddings(codes, self.t2i_condition(prefix))],
+                      dim=1)
+        h = self.backbone(self.add_positions(x, "t2i_positions"), task="t2i")
+        p = prefix.shape[1]
+        return self.heads["image"].logits(h[:, p - 1: p - 1 + codes.shape[1]])
 
     def forward(self, batches: dict[str, dict[str, torch.Tensor]],
                 options: Optional[dict[str, dict]] = None) -> dict[str, torch.Tensor]:

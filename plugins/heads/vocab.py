@@ -107,6 +107,27 @@ class CaptionMLP(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+class CaptionPool(nn.Module):
+    """The caption as one vector: a bias-free Linear of the sum of its token embeddings (pads left out).
+
+    The unified model adds it to the input of every image-code position, so each code sees the caption directly
+    and additively (a word's effect does not depend on the other words), not only through the backbone's state
+    after the prefix. A sum, not a mean: a partial caption adds exactly the words it has, and the unconditional
+    (all-pad) prefix pools to zero, so guidance's unconditional stream gets no condition.
+    """
+
+    def __init__(self, d_model: int) -> None:
+        super().__init__()
+        _positive("head caption_pool", d_model=d_model)
+        self.d_model = d_model
+        self.proj = nn.Linear(d_model, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``x`` ``(B, L, d_model)`` caption token embeddings, ``mask`` ``(B, L)`` true for real tokens ->
+        ``(B, d_model)``."""
+        return self.proj((x * mask[..., None].to(x.dtype)).sum(1))
+
+
 class PositionTable(nn.Module):
     """Learned absolute positions ``(num_positions, d_model)``, (truncated) normal init, std 0.02.
 
@@ -146,6 +167,11 @@ def image_vocab(codebook_size: int, d_model: int, embed_dim: int | None = None, 
 def caption_mlp(d_model: int, hidden_dim: int | None = None) -> CaptionMLP:
     """2-layer GELU MLP over the embedded T2I caption prefix."""
     return CaptionMLP(d_model, hidden_dim)
+
+
+def caption_pool(d_model: int) -> CaptionPool:
+    """The caption pooled into one vector that every image-code position adds to its input."""
+    return CaptionPool(d_model)
 
 
 def position_table(num_positions: int, d_model: int, init_std: float = 0.02) -> PositionTable:
