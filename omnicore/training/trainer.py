@@ -27,7 +27,9 @@ from ..registry import registry
 from .checkpoint import save_checkpoint
 from .code_cache import WithCodes, encode_dataset, worth_caching
 from .data import MMUCollator, T2ICollator, image_to_tensor, make_loader
-from .distributed import DistInfo, average_gradients, mean_across, wrap_model
+from .distributed import (DistInfo, all_gather_objects, average_gradients, barrier, full_state_dict, gather_into,
+                          grad_norm_value, gradient_sync, load_optimizer_state, mean_across, optimizer_state,
+                          wrap_model)
 from .ema import ParamEMA
 from .freeze import apply_trainable
 from .metrics import MetricsWriter
@@ -88,13 +90,16 @@ def _progress(console: Console, enabled: bool) -> Progress:
                     console=console, disable=not enabled, transient=False)
 
 
-def _restore_progress(optimizer: torch.optim.Optimizer, resume: dict[str, Any] | None) -> int:
-    """Put a resumed stage's optimizer and RNG back; returns the step to continue from."""
+def _restore_progress(optimizer: torch.optim.Optimizer, resume: dict[str, Any] | None, wrapped: torch.nn.Module,
+                      info: DistInfo) -> int:
+    """Put a resumed stage's optimizer and this process's RNG back; returns the step to continue from."""
     if not resume:
         return 0
     if resume.get("optimizer"):
-        optimizer.load_state_dict(resume["optimizer"])
-    restore_rng(resume["rng"])
+        load_optimizer_state(wrapped, optimizer, resume["optimizer"])
+    by_rank = resume.get("rng_by_rank") or [resume["rng"]]
+    # each process continues its own random streams; on another number of processes, rank 0's
+    restore_rng(by_rank[info.rank] if len(by_rank) == info.world_size else by_rank[0])
     return resume["step"]
 
 
@@ -104,18 +109,26 @@ def _make_optimizer(params: list[torch.nn.Parameter], stage: StageSpec) -> torch
 
 
 def _set_train_modes(model: torch.nn.Module) -> None:
-    """Modules with nothing to train run in eval mode (no dropout in frozen encoders/tokenizers)."""
-    model.train()
-    for module in model.modules():
-        if not any(p.requires_grad for p in module.parameters(recurse=True)):
-            module.eval()
+    """Modules with nothing to train run in eval mode (no dropout in frozen encoders/tokenizers). Modules without
+    parameters (dropout, activations) follow the module they sit in: a trained LoRA layer's dropout is on."""
+
+    def visit(module: torch.nn.Module, training: bool) -> None:
+        params = list(module.parameters())
+        if params:
+            training = any(p.requires_grad for p in params)
+        module.training = training
+        for child in module.children():
+            visit(child, training)
+
+    visit(model, True)
 
 
 def _run_loop(*, stage: StageSpec, stage_index: int, ctx: RunContext, model: torch.nn.Module,
-              trainable: list[torch.nn.Parameter], step_fn: Callable[[int], dict[str, float]],
+              plain: torch.nn.Module, trainable: list[torch.nn.Parameter], step_fn: Callable[[int], dict[str, float]],
               data_positions: Callable[[], dict[str, int]], start_step: int,
               optimizer: torch.optim.Optimizer, resume: dict[str, Any] | None = None) -> None:
-    """The shared step loop: schedule, clip, step, EMA, log, checkpoint."""
+    """The shared step loop: schedule, clip, step, EMA, log, checkpoint. ``model`` is what trains (a DDP or FSDP2
+    wrapper, or ``plain`` itself), ``plain`` the whole model whose names and shapes checkpoints keep."""
     ema = None
     if stage.ema is not None:
         if ctx.dist.enabled and stage.distributed == "fsdp":
@@ -136,7 +149,7 @@ def _run_loop(*, stage: StageSpec, stage_index: int, ctx: RunContext, model: tor
             losses = step_fn(step)
             grad_norm = None
             if stage.grad_clip is not None:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, stage.grad_clip))
+                grad_norm = grad_norm_value(torch.nn.utils.clip_grad_norm_(trainable, stage.grad_clip))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if ema is not None:
@@ -158,40 +171,31 @@ def _run_loop(*, stage: StageSpec, stage_index: int, ctx: RunContext, model: tor
             if final and ema is not None:
                 ema.copy_to_params()  # the stage's result is the average
             if final or (ckpt_every and done % ckpt_every == 0):
-                _checkpoint(ctx, model, stage, stage_index, done, optimizer, data_positions(), final,
+                _checkpoint(ctx, model, plain, stage, stage_index, done, optimizer, data_positions(), final,
                             ema.state_dict() if ema is not None and not final else None)
             if ctx.stop_after_step is not None and done >= ctx.stop_after_step and not final:
                 raise KeyboardInterrupt(f"stopped after step {done} (test hook)")
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return getattr(model, "module", model)
-
-
-def _checkpoint(ctx: RunContext, model, stage: StageSpec, stage_index: int, step: int, optimizer,
+def _checkpoint(ctx: RunContext, model, plain, stage: StageSpec, stage_index: int, step: int, optimizer,
                 positions: dict[str, int], done: bool, ema_state: dict[str, Any] | None = None) -> None:
-    state = _unwrap(model).state_dict()
-    if ctx.dist.enabled and stage.distributed == "fsdp":
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, StateDictOptions
-
-        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    """Every rank takes part (sharded weights and optimizer state are gathered); rank 0 writes."""
+    state = full_state_dict(model, plain)
+    optim = optimizer_state(model, optimizer) if not done else {}
+    rngs = all_gather_objects(capture_rng(), ctx.dist)
     if ctx.dist.is_main:
         trainer_state = {"stage_index": stage_index, "stage": stage.name, "step": step, "done": done,
-                         "optimizer": optimizer.state_dict() if not done else {}, "rng": capture_rng(),
-                         "data_positions": positions}
+                         "optimizer": optim, "rng": rngs[0], "rng_by_rank": rngs, "data_positions": positions}
         if ema_state is not None:  # mid-stage: the model state holds the raw weights, this their average
             trainer_state["ema"] = ema_state
         save_checkpoint(ctx.checkpoint_root, f"{stage_index:02d}-{stage.name}-step{step:07d}", state, trainer_state)
-    from .distributed import barrier
-
     barrier(ctx.dist)
 
 
 def run_unified_stage(model: UnifiedModel, stage: StageSpec, stage_index: int, ctx: RunContext,
                       resume: dict[str, Any] | None = None) -> None:
     counts = apply_trainable(model, model.roles(), stage.train)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if not trainable:
+    if not counts:
         raise OmnicoreError(f"stage {stage.name!r}: nothing to train (train.roles/globs/adapters are empty)")
     if ctx.dist.is_main:
         total = sum(counts.values())
@@ -223,9 +227,11 @@ def run_unified_stage(model: UnifiedModel, stage: StageSpec, stage_index: int, c
                                     start=consumed[task], shuffle=tspec.data.shuffle,
                                     num_workers=tspec.data.num_workers, rank=ctx.dist.rank, world_size=W)
     wrapped = wrap_model(model, ctx.dist, stage.distributed, ctx.device)
+    # after wrapping: FSDP2 trains a sharded copy, whose parameters are not the model's
+    trainable = [p for p in wrapped.parameters() if p.requires_grad]
     optimizer = _make_optimizer(trainable, stage)
-    start_step = _restore_progress(optimizer, resume)
-    _set_train_modes(model)
+    start_step = _restore_progress(optimizer, resume, wrapped, ctx.dist)
+    _set_train_modes(wrapped)
     weights = {t: s.weight for t, s in stage.tasks.items()}
     loss_options = {t: s.loss_options() for t, s in stage.tasks.items()}
 
@@ -235,8 +241,7 @@ def run_unified_stage(model: UnifiedModel, stage: StageSpec, stage_index: int, c
             batches = {t: next(loaders[t]) for t in stage.tasks}
             for t in stage.tasks:
                 consumed[t] += stage.tasks[t].batch_size
-            sync = micro == stage.grad_accum - 1 or not hasattr(wrapped, "no_sync")
-            with (contextlib.nullcontext() if sync else wrapped.no_sync()):
+            with gradient_sync(wrapped, sync=micro == stage.grad_accum - 1):
                 with autocast_for(stage, ctx.device):
                     losses = wrapped(batches, loss_options)
                 total = sum(weights[t] * losses[t] for t in losses) / stage.grad_accum
@@ -245,9 +250,10 @@ def run_unified_stage(model: UnifiedModel, stage: StageSpec, stage_index: int, c
                 sums[t] += float(losses[t].detach()) / stage.grad_accum
         return sums
 
-    _run_loop(stage=stage, stage_index=stage_index, ctx=ctx, model=wrapped, trainable=trainable, step_fn=step_fn,
-              data_positions=lambda: dict(consumed), start_step=start_step, optimizer=optimizer,
+    _run_loop(stage=stage, stage_index=stage_index, ctx=ctx, model=wrapped, plain=model, trainable=trainable,
+              step_fn=step_fn, data_positions=lambda: dict(consumed), start_step=start_step, optimizer=optimizer,
               resume=resume)
+    gather_into(model, wrapped)
     if hasattr(model.backbone, "gradient_checkpointing"):
         model.backbone.gradient_checkpointing = False
 
@@ -304,7 +310,7 @@ def _single_source_setup(model: UnifiedModel, stage: StageSpec, stage_index: int
                          start=consumed[position_key], shuffle=stage.data.shuffle, num_workers=stage.data.num_workers,
                          rank=ctx.dist.rank, world_size=W)
     optimizer = _make_optimizer(trainable, stage)
-    return loader, consumed, optimizer, _restore_progress(optimizer, resume)
+    return loader, consumed, optimizer, _restore_progress(optimizer, resume, model, ctx.dist)
 
 
 def run_vqgan_stage(model: UnifiedModel, stage: StageSpec, stage_index: int, ctx: RunContext,
@@ -333,7 +339,8 @@ def run_vqgan_stage(model: UnifiedModel, stage: StageSpec, stage_index: int, ctx
         average_gradients(trainable, ctx.dist)  # data parallel without a wrapper: the tokenizer's entry is not forward
         return sums
 
-    _run_loop(stage=stage, stage_index=stage_index, ctx=ctx, model=model, trainable=trainable, step_fn=step_fn,
+    _run_loop(stage=stage, stage_index=stage_index, ctx=ctx, model=model, plain=model, trainable=trainable,
+              step_fn=step_fn,
               data_positions=lambda: dict(consumed), start_step=start_step, optimizer=optimizer,
               resume=resume)
     for p in tokenizer.parameters():
@@ -400,7 +407,8 @@ def run_contrastive_stage(model: UnifiedModel, stage: StageSpec, stage_index: in
         average_gradients(trainable, ctx.dist)
         return {"contrastive": total}
 
-    _run_loop(stage=stage, stage_index=stage_index, ctx=ctx, model=model, trainable=trainable, step_fn=step_fn,
+    _run_loop(stage=stage, stage_index=stage_index, ctx=ctx, model=model, plain=model, trainable=trainable,
+              step_fn=step_fn,
               data_positions=lambda: dict(consumed), start_step=start_step, optimizer=optimizer,
               resume=resume)
     for p in trainable:
