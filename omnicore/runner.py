@@ -60,9 +60,20 @@ def launch_distributed(argv: list[str], nproc: int) -> int:
     return subprocess.call(cmd)
 
 
+def _init_source(path: str) -> Path | None:
+    """What ``init_from`` names: a checkpoint directory (or a run's checkpoints/ folder: its latest), a model
+    directory or a weights file; None when it is none of these."""
+    p = Path(path)
+    if (p / "latest").is_file():
+        p = latest_checkpoint(p) or p
+    if (p / "trainer.pt").is_file() or (p / "model.safetensors").is_file() or p.is_file():
+        return p
+    return None
+
+
 def _load_init_weights(model, path: str, label: str) -> None:
     """Start a stage from a checkpoint directory, a model directory or a weights file."""
-    p = Path(path)
+    p = _init_source(path) or Path(path)
     if (p / "trainer.pt").is_file():
         state, _ = load_checkpoint(p)
     elif (p / "model.safetensors").is_file():
@@ -73,6 +84,12 @@ def _load_init_weights(model, path: str, label: str) -> None:
         state = load_state_dict_file(p)
     else:
         raise OmnicoreError(f"{label}: {path}: no checkpoint, model directory or weights file there")
+    own = model.state_dict()
+    wrong = [k for k, v in state.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
+    if wrong:
+        k = wrong[0]
+        raise OmnicoreError(f"{label}: {path}: {len(wrong)} tensors of another shape than the model's, e.g. {k}: "
+                            f"{tuple(state[k].shape)} there, {tuple(own[k].shape)} in the model")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected:
         raise OmnicoreError(f"{label}: {path}: {len(unexpected)} unexpected keys, e.g. {unexpected[:3]}")
@@ -92,6 +109,12 @@ def run_recipe(ref: str, overrides: list[str], *, run_dir: Path | None = None, r
     if problems:
         raise RecipeError(problems[0] + (f" (+{len(problems) - 1} more; see `omni recipe validate`)" if len(problems) > 1 else ""))
     recipe = loaded.recipe
+    for stage in recipe.stages:  # before any stage trains, not hours later when the stage starts
+        if stage.init_from and _init_source(stage.init_from) is None \
+                and not (run_dir is not None and Path(stage.init_from).resolve().is_relative_to(Path(run_dir).resolve())):
+            raise OmnicoreError(f"{loaded.where(('stages', recipe.stages.index(stage), 'init_from'))}: "
+                                f"stages.{stage.name}.init_from: {stage.init_from}: no checkpoint, model directory or "
+                                "weights file there")
     dev = pick_device(device)
     dist_info = init_distributed(dev)
     if run_dir is None:
