@@ -215,7 +215,7 @@ def generate_codes(model, captions: list[str | None], guidance_scale: float = 1.
 
     # T2I prompts always have the same length, so the prefill is captured too: at small batches its ~0.1 s of eager
     # kernel launches (1.3B shape, 48 layers of chunked-scan kernels) was most of its cost; at batch 64 the GPU work
-    # dominates and the graph saves little (benchmarks/NOTES.md, session 5)
+    # dominates and the graph saves little (benchmarks/NOTES.md, "2026-12-01, H200: graphed T2I prefill")
     if ses.prefill_runner is None:
         ses.prefill_runner = GraphedStep(prefill, ses.buffers(), use_graph=graph and GRAPH_PREFILL, device=dev)
     ses.prefill_runner()

@@ -19,7 +19,7 @@ from . import kernels
 from .state import MambaCache
 
 # The one-pass Triton state update from this batch on; below it Inductor fuses the PyTorch update. Since dt/A
-# moved into the kernel (session 5) it wins at batch 1 too: 1.821 -> 1.535 ms a step (H200, 1.3B shape)
+# moved into the kernel it wins at batch 1 too: 1.821 -> 1.535 ms a step (H200, 1.3B shape)
 KERNEL_MIN_BATCH = 1
 CONV_KERNEL_MIN_BATCH = 1  # the one-pass conv update (kernels.conv_update) from this batch on
 _compiled: dict = {}  # the compiled step, by whether its Inductor kernels launch with PDL (kernels.pdl_ok)

@@ -33,7 +33,7 @@ MAX_BATCH = 2
 # default. Correct (tests) but not faster yet (H200, 1.3B shape, step in a CUDA graph): 1.78 / 2.14 / 3.20 / 4.86 ms
 # at batch 8 / 16 / 32 / 64 against 1.80 / 2.13 / 2.60 / 3.39 compiled. At 64 rows in_proj alone takes 15.7 us
 # (cuBLAS 11.9) but 42.7 with its conv epilogue, whose per-element state accesses in the tensor-core layout cost
-# ~0.45 us a row of the batch (benchmarks/NOTES.md, session 8).
+# ~0.45 us a row of the batch (benchmarks/NOTES.md, "2026-12-01, H200: the fused step on tensor cores").
 MIN_GEMM_BATCH: int | None = None
 
 

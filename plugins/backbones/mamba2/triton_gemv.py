@@ -167,8 +167,8 @@ IN_PROJ_TILES = {1: (16, 256, 4), 2: (8, 256, 4), 3: (8, 256, 4), 4: (8, 256, 4)
 OUT_PROJ_TILES = {1: (8, 1024, 8), 2: (8, 1024, 8), 3: (8, 512, 8), 4: (8, 512, 8)}
 # GEMM (above MAX_ROWS, up to MAX_GEMM_ROWS): (block_n, block_k, num_warps, num_stages) by BLOCK_M, the rows
 # rounded up to a power of two (at least 16, tl.dot's smallest tile). These are first guesses, not sweep results:
-# profile_decode.py --gemm-sweep picks its own for the run (session 8's picks, e.g. in_proj (32, 64, 8, 4) at 64
-# rows, are in benchmarks/NOTES.md); the kernel is off by default (fused_step.MIN_GEMM_BATCH)
+# profile_decode.py --gemm-sweep picks its own for the run (the 2026-12-01 H200 sweep's picks, e.g. in_proj
+# (32, 64, 8, 4) at 64 rows, are in benchmarks/NOTES.md); the kernel is off by default (fused_step.MIN_GEMM_BATCH)
 MAX_GEMM_ROWS = 128
 GEMM_IN_PROJ_TILES = {16: (64, 128, 4, 4), 32: (64, 128, 4, 4), 64: (64, 128, 4, 4), 128: (64, 64, 8, 4)}
 GEMM_OUT_PROJ_TILES = {16: (16, 256, 4, 4), 32: (16, 256, 4, 4), 64: (16, 256, 4, 4), 128: (16, 128, 4, 4)}

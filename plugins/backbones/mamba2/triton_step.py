@@ -261,7 +261,7 @@ def causal_conv(x: torch.Tensor, state: torch.Tensor | None, weight: torch.Tenso
     channel dimension must be unit-stride, as a slice of in_proj's output is), continuing from ``state``
     (b, dim, 4), the previous 4 inputs oldest first (None: zeros). Returns (b, l, dim) contiguous in x's dtype.
     The state is only read; the caller refills it. Replaces the prefill's transpose, concatenation with the conv
-    state, PyTorch depthwise conv and SiLU (benchmarks/NOTES.md, session 6)."""
+    state, PyTorch depthwise conv and SiLU (benchmarks/NOTES.md, "2026-12-01, H200: Triton prefill conv")."""
     b, l, dim = x.shape
     if weight.shape[-1] != 4:
         raise ValueError(f"causal_conv: needs d_conv 4, got weight {tuple(weight.shape)}")
