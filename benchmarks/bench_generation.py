@@ -171,7 +171,7 @@ def bench_long(lengths, batch: int, variant: str, llama_lengths) -> None:
     q = [list(range(100, 116))] * batch
     generate_text(model, None, None, q, Sampling(greedy=True, max_new_tokens=64, ignore_eos=True))  # compile
     for n in lengths:
-        clear_decode_cache(model)  # each length on its own: no kept session of another length in the peak
+        clear_decode_cache(model)  # each length on its own: no kept decode graph of another length in the peak
         gc.collect()
         torch.cuda.empty_cache()
         s = Sampling(greedy=True, max_new_tokens=n, ignore_eos=True)

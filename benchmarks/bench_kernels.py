@@ -2,8 +2,8 @@
 short scan against mamba_ssm's chunked scan (with the float32 final state copied into a bf16 cache, as the mixer
 did), at the 1.3B mixer's shape (64 heads of 64, d_state 128, one group) for each --rows batch and --lengths.
 
-Every time is per call, from replays of a CUDA graph of back-to-back calls. (Session 4 also swept a Triton skinny
-GEMM here against cuBLAS; it only matched cuBLAS and was removed: benchmarks/NOTES.md.) Run:
+Every time is per call, from replays of a CUDA graph of back-to-back calls. (A Triton skinny GEMM was swept here
+against cuBLAS too, on an H100 on 2026-11-28; it only matched cuBLAS and was removed: benchmarks/NOTES.md.) Run:
 python benchmarks/bench_kernels.py [--rows 1,64,128] [--lengths 72] [--only sampler|scan]
 """
 

@@ -34,7 +34,7 @@ VARIANTS = {  # name -> (kernel, compile_decode, state update, conv update, merg
     "compiled+mamba_ssm ssu": ("auto", True, "mamba_ssm", "triton", True, 8),
     "compiled+torch ssu": ("torch", True, None, "triton", True, 8),
     "compiled dt/A apart": ("auto", True, "triton", "triton", True, 8),  # the default before FUSE_DT_A
-    "compiled (session 5)": ("auto", True, "triton", "triton", True, 8),  # Inductor's update below 8, norm apart
+    "compiled ssu from 8": ("auto", True, "triton", "triton", True, 8),  # Inductor's update below 8, norm apart
     "compiled norm apart": ("auto", True, "triton", "triton", True, 1),
     "compiled norm folded": ("auto", True, "triton", "triton", True, 1),  # at every batch
     "fused step": ("auto", True, "triton", "triton", True, 1),  # the default: fused_step.py where it takes the batch
@@ -42,12 +42,12 @@ VARIANTS = {  # name -> (kernel, compile_decode, state update, conv update, merg
     "fused step pdl": ("auto", True, "triton", "triton", True, 1),
 }
 PDL_FROM = {"fused step pdl": 1}  # variants with kernels.PDL on from this batch (the others: the default's setting)
-# variants without PDL: the default without it, and the earlier defaults (PDL on since session 11)
+# variants without PDL: the default without it, and the earlier defaults (PDL on by default since 2026-12-02)
 PDL_OFF = {"compiled no pdl", "compiled (before)", "compiled+merged lora", "compiled+conv kernel",
-           "compiled dt/A apart", "compiled (session 5)"}
+           "compiled dt/A apart", "compiled ssu from 8"}
 FUSED = {"fused step", "fused step pdl"}  # variants with the fused step (model.fused_decode)
 UNFUSED_DT_A = {"compiled dt/A apart"}  # variants with dt's softplus and -exp(A_log) outside the state update
-FOLD_BELOW = {"compiled dt/A apart": 0, "compiled (session 5)": 0, "compiled norm apart": 0,
+FOLD_BELOW = {"compiled dt/A apart": 0, "compiled ssu from 8": 0, "compiled norm apart": 0,
               "compiled norm folded": 1 << 30}  # kernels.FOLD_GATED_NORM_BELOW, where not the default
 
 

@@ -5,9 +5,12 @@ Errors the user can fix print as one line on stderr with exit status 2; ``--debu
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 import shutil
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -16,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 import omnicore
-from omnicore.errors import OmnicoreError
+from omnicore.errors import OmnicoreError, OmnicoreWarning
 
 console = Console()
 err_console = Console(stderr=True)
@@ -27,6 +30,41 @@ recipe_app = typer.Typer(help="List, copy, validate and run recipe files.", no_a
 app.add_typer(recipe_app, name="recipe")
 
 _STATE = {"debug": False}
+
+
+# --- option checks: impossible values are refused before a model is loaded ---------------------------------------
+def _at_least(option: str, value: int | float | None, low: int | float) -> None:
+    if value is not None and not value >= low:  # "not >=" also refuses NaN
+        raise OmnicoreError(f"{option}: must be at least {low} (got {value})")
+
+
+def _finite(option: str, value: float | None) -> None:
+    if value is not None and not math.isfinite(value):
+        raise OmnicoreError(f"{option}: must be a finite number (got {value})")
+
+
+def _probability(option: str, value: float | None) -> None:
+    if value is not None and not 0 < value <= 1:
+        raise OmnicoreError(f"{option}: must be in (0, 1] (got {value})")
+
+
+def _seed(value: int | None) -> None:
+    if value is not None and not -(2**63) <= value < 2**64:  # what torch.Generator.manual_seed takes
+        raise OmnicoreError(f"--seed: must fit in 64 bits (got {value})")
+
+
+def _device(name: Optional[str]):
+    from omnicore.runner import pick_device
+
+    try:
+        return pick_device(name)
+    except RuntimeError:  # torch.device() of a malformed name
+        raise OmnicoreError(f"--device {name}: not a device name (e.g. cpu, cuda, cuda:1, mps)") from None
+
+
+def _output_dir(option: str, path: Path) -> None:
+    if path.exists() and not path.is_dir():
+        raise OmnicoreError(f"{option} {path}: exists and is not a directory")
 
 
 def _version(value: bool) -> None:
@@ -87,9 +125,21 @@ def recipe_cp(name: str = typer.Argument(..., help="A recipe name from `omni rec
     target = dest / src.name if dest.is_dir() else dest
     if target.exists() and not force:
         raise OmnicoreError(f"{target}: already exists (use --force to overwrite)")
+    if target.exists() and not target.is_file():
+        raise OmnicoreError(f"{target}: exists and is not a regular file; not overwriting it")
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src, target)
     console.print(f"copied {name} to {target}")
+
+
+@recipe_app.command("schema")
+def recipe_schema() -> None:
+    """Print the recipe schema as JSON Schema (docs/recipes.md is generated from the same schema)."""
+    import json
+
+    from omnicore.recipe.reference import json_schema
+
+    sys.stdout.write(json.dumps(json_schema(), indent=2) + "\n")
 
 
 @recipe_app.command("validate")
@@ -119,6 +169,11 @@ def recipe_run(recipe: str = typer.Argument(..., help="Recipe file or name."),
     """Run a recipe: its training stages, evaluation and inference, into a run directory."""
     from omnicore.runner import launch_distributed, run_recipe
 
+    _at_least("--nproc-per-node", nproc_per_node, 1)
+    if run_dir is not None:
+        _output_dir("--run-dir", run_dir)
+    if device is not None:
+        _device(device)
     if nproc_per_node > 1 and "LOCAL_RANK" not in os.environ:
         raise typer.Exit(launch_distributed(sys.argv, nproc_per_node))
     run_recipe(recipe, overrides or [], run_dir=run_dir, resume=resume, device=device, console=console)
@@ -142,12 +197,24 @@ def generate_cmd(prompts: list[str] = typer.Argument(..., help="Captions to draw
     """Generate images from text prompts: a PNG per image and a grid."""
     from rich.progress import Progress
 
-    from omnicore.generation.api import generate_images, image_grid
-    from omnicore.runner import pick_device
+    from omnicore.generation.api import caption_truncation, generate_images, image_grid
 
+    _at_least("--n", n, 1)
+    _at_least("--batch-size", batch_size, 1)
+    _finite("--guidance-scale", guidance_scale)
+    _finite("--temperature", temperature)
+    _at_least("--temperature", temperature, 0)
+    _at_least("--top-k", top_k, 1)
+    _probability("--top-p", top_p)
+    _seed(seed)
     if negative_prompt is not None and guidance_scale == 1.0:
         raise OmnicoreError("--negative-prompt: has no effect at --guidance-scale 1; give a guidance scale (e.g. 4)")
-    pipe = omnicore.load(model, device=pick_device(device))
+    _output_dir("--out", out)
+    dev = _device(device)
+    pipe = omnicore.load(model, device=dev)
+    note = caption_truncation(pipe, prompts, [negative_prompt])
+    if note:  # once for the whole call, not once per batch
+        err_console.print(f"warning: {note}", markup=False, highlight=False, soft_wrap=True)
     out.mkdir(parents=True, exist_ok=True)
     images = []
     with Progress(console=console) as progress:
@@ -156,7 +223,7 @@ def generate_cmd(prompts: list[str] = typer.Argument(..., help="Captions to draw
             images += generate_images(pipe, prompts[start:start + batch_size], n_per_prompt=n,
                                       guidance_scale=guidance_scale, negative_prompts=negative_prompt,
                                       temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                                      batch_size=batch_size)
+                                      batch_size=batch_size, warn_truncated=False)
             progress.update(bar, completed=len(images))
     for i, im in enumerate(images):
         im.save(out / f"{i // n:04d}-{i % n}.png")
@@ -172,11 +239,15 @@ def ask_cmd(image: Optional[str] = typer.Argument(..., help="Image file ('-' for
             temperature: float = typer.Option(0.0, "--temperature", help="0: greedy."),
             device: Optional[str] = typer.Option(None, "--device")) -> None:
     """Answer a question about an image, streaming the answer to the terminal."""
-    from omnicore.runner import pick_device
+    from omnicore.inputs import open_image
 
-    pipe = omnicore.load(model, device=pick_device(device))
-    for piece in pipe.stream_answer(None if image == "-" else image, question, max_new_tokens=max_new_tokens,
-                                    temperature=temperature):
+    _at_least("--max-new-tokens", max_new_tokens, 1)
+    _finite("--temperature", temperature)
+    _at_least("--temperature", temperature, 0)
+    dev = _device(device)
+    picture = None if image == "-" else open_image(image)  # a bad image fails before the model loads
+    pipe = omnicore.load(model, device=dev)
+    for piece in pipe.stream_answer(picture, question, max_new_tokens=max_new_tokens, temperature=temperature):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -192,10 +263,11 @@ def pretokenize_cmd(folder: Path = typer.Argument(..., help="Images with same-st
                     device: Optional[str] = typer.Option(None, "--device")) -> None:
     """Run the image tokenizer over an image+caption folder into T2I JSONL."""
     from omnicore.pretokenize import pretokenize
-    from omnicore.runner import pick_device
 
+    _at_least("--batch-size", batch_size, 1)
+    _at_least("--image-size", image_size, 1)
     n = pretokenize(folder, out, model_dir=model, recipe=recipe, image_size=image_size, batch_size=batch_size,
-                    device=pick_device(device), console=console)
+                    device=_device(device), console=console)
     console.print(f"wrote {n} records to {out}")
 
 
@@ -208,11 +280,25 @@ def _add_plugin_commands() -> None:
         err_console.print(f"warning: a plugin failed to add commands: {exc}")
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None, *, fallback) -> None:
+    """omnicore's own warnings as one ``warning: ...`` line; others as Python (or ``fallback``) shows them."""
+    if issubclass(category, OmnicoreWarning):
+        err_console.print(f"warning: {message}", markup=False, highlight=False, soft_wrap=True)
+    else:
+        fallback(message, category, filename, lineno, file, line)
+
+
 def main(argv: list[str] | None = None) -> int:
     _add_plugin_commands()
     debug = "--debug" in (argv if argv is not None else sys.argv[1:]) or bool(os.environ.get("OMNICORE_DEBUG"))
+    with warnings.catch_warnings():  # puts showwarning back when main returns (tests call it in-process)
+        warnings.showwarning = functools.partial(_show_warning, fallback=warnings.showwarning)
+        return _run(argv, debug)
+
+
+def _run(argv: list[str] | None, debug: bool) -> int:
     try:
-        rc = app(args=argv, standalone_mode=False)
+        rc = app(args=argv, prog_name="omni", standalone_mode=False)
     except OmnicoreError as exc:
         if debug:
             raise
@@ -223,12 +309,17 @@ def main(argv: list[str] | None = None) -> int:
     except typer.Abort:
         err_console.print("aborted")
         return 130
-    except Exception as exc:  # click usage errors
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            return 2
+    except typer.TyperException as exc:
+        # Usage errors (exit 2, with click's usage line). Typer raises the ClickException of the click it
+        # vendors (typer._click), not of the installed click package, so `isinstance(exc,
+        # click.ClickException)` never matched; TyperException is typer's public base class of them.
+        show = getattr(exc, "show", None)
+        if show is not None:
+            show()
+        else:
+            err_console.print(f"error: {exc.format_message()}", markup=False, highlight=False, soft_wrap=True)
+        return 2
+    except Exception as exc:
         if debug:
             raise
         err_console.print(f"error: {type(exc).__name__}: {exc} (run with --debug for the traceback)",

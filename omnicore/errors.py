@@ -28,3 +28,12 @@ class RecipeError(OmnicoreError, ValueError):
 
 class CheckpointError(OmnicoreError):
     """A checkpoint or model directory is missing or malformed."""
+
+
+class InputFileError(OmnicoreError, ValueError):
+    """A file or directory given as input cannot be used: not a regular file, too large, not UTF-8 text,
+    malformed JSON, or an image that cannot (or should not) be decoded. The message names the path."""
+
+
+class OmnicoreWarning(UserWarning):
+    """A warning the CLI shows as one ``warning: ...`` line: an input was used, but not as given."""

@@ -16,8 +16,6 @@ from .training.data import image_to_tensor
 
 
 def _tokenizer_from(model_dir: Path | None, recipe: str | None):
-    if (model_dir is None) == (recipe is None):
-        raise OmnicoreError("pretokenize: give exactly one of --model or --recipe")
     if model_dir is not None:
         from .model.unified import load
 
@@ -42,11 +40,20 @@ def _tokenizer_from(model_dir: Path | None, recipe: str | None):
 def pretokenize(folder: Path, out: Path, *, model_dir: Path | None = None, recipe: str | None = None,
                 image_size: int | None = None, batch_size: int = 16, device: torch.device | None = None,
                 console: Console | None = None) -> int:
+    if (model_dir is None) == (recipe is None):
+        raise OmnicoreError("pretokenize: give exactly one of --model or --recipe")
+    if batch_size < 1:
+        raise OmnicoreError(f"pretokenize: batch_size must be at least 1 (got {batch_size})")
+    if image_size is not None and image_size < 1:
+        raise OmnicoreError(f"pretokenize: image_size must be at least 1 (got {image_size})")
+    if Path(out).is_dir():
+        raise OmnicoreError(f"{out}: is a directory; the output is a JSONL file")
+    # the folder's captions are read (and checked) before the tokenizer is built: a bad folder fails fast
+    dataset = registry.get("dataset", "image_caption_folder").build(folder=str(folder))
     tokenizer, default_size = _tokenizer_from(model_dir, recipe)
     size = image_size or default_size
     device = device or torch.device("cpu")
     tokenizer.to(device).eval()
-    dataset = registry.get("dataset", "image_caption_folder").build(folder=str(folder))
     lines: list[str] = []
     with Progress(console=console or Console()) as progress:
         bar = progress.add_task("tokenizing", total=len(dataset))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -101,7 +102,8 @@ def run_recipe(ref: str, overrides: list[str], *, run_dir: Path | None = None, r
     from .model.unified import build_from_spec, load
     from .training.distributed import init_distributed
     from .training.metrics import MetricsWriter
-    from .training.trainer import RunContext, run_contrastive_stage, run_unified_stage, run_vqgan_stage
+    from .training.trainer import (RunContext, restore_process_rng, run_contrastive_stage, run_unified_stage,
+                                   run_vqgan_stage)
 
     console = console or Console()
     loaded = load_recipe(ref, overrides)
@@ -115,6 +117,10 @@ def run_recipe(ref: str, overrides: list[str], *, run_dir: Path | None = None, r
             raise OmnicoreError(f"{loaded.where(('stages', recipe.stages.index(stage), 'init_from'))}: "
                                 f"stages.{stage.name}.init_from: {stage.init_from}: no checkpoint, model directory or "
                                 "weights file there")
+    if recipe.inference is not None:  # its input files are read now: a bad one is refused before anything runs
+        from .generation.recipe_inference import read_inputs
+
+        read_inputs(recipe.inference, loaded.path.parent)
     dev = pick_device(device)
     dist_info = init_distributed(dev)
     if run_dir is None:
@@ -127,6 +133,7 @@ def run_recipe(ref: str, overrides: list[str], *, run_dir: Path | None = None, r
         raise OmnicoreError(f"--resume: {run_dir} has no run to continue (no recipe.yaml or checkpoints)")
     if not resume and (run_dir / "checkpoints").exists():
         raise OmnicoreError(f"{run_dir}: already holds a run; use --resume to continue it or choose another --run-dir")
+    created = not run_dir.exists()
     if dist_info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "recipe.yaml", f"# resolved from {loaded.path}"
@@ -146,6 +153,8 @@ def run_recipe(ref: str, overrides: list[str], *, run_dir: Path | None = None, r
                 state, resume_state = load_checkpoint(ckpt)
                 model.load_state_dict(state, strict=True)
                 console.print(f"resuming from {ckpt} (stage {resume_state['stage']}, step {resume_state['step']})")
+                if resume_state["done"]:  # the next stage draws from the random streams where that stage left them
+                    restore_process_rng(resume_state, dist_info)
             for i, stage in enumerate(recipe.stages):
                 this_resume = None
                 if resume_state is not None:
@@ -176,6 +185,12 @@ def run_recipe(ref: str, overrides: list[str], *, run_dir: Path | None = None, r
             if inf_model is None:
                 raise OmnicoreError("inference: set inference.model to a model directory (or add stages)")
             run_inference(inf_model, recipe.inference, run_dir, loaded.path.parent, console)
+    except OmnicoreError:
+        # refused before anything was trained (a bad data file, say): leave no half-made run directory behind
+        if created and dist_info.is_main and latest_checkpoint(run_dir / "checkpoints") is None:
+            metrics.close()
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     finally:
         metrics.close()
     if dist_info.is_main:

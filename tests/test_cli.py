@@ -65,3 +65,19 @@ def test_shipped_recipes_validate():
     for name in names:
         r = omni("recipe", "validate", name)
         assert r.returncode == 0, f"{name}: {r.stderr}"
+
+
+def test_mistyped_command_exits_2_with_the_usage_line():
+    r = omni("convrt")
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("Usage: omni [OPTIONS] COMMAND [ARGS]...") and "No such command 'convrt'" in r.stderr
+    assert "Traceback" not in r.stderr and "UsageError" not in r.stderr
+
+
+def test_non_utf8_recipe_is_one_line_exit_2(tmp_path):
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes("description: caf\xe9\n".encode("latin-1"))
+    r = omni("recipe", "validate", str(bad))
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [f"error: {bad}: recipe is not UTF-8 text (byte 0xe9 on line 1); save it "
+                                             f"as UTF-8"]

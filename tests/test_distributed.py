@@ -166,18 +166,19 @@ def _kill_at_checkpoint(cmd: list[str], run: Path, at: int, rank: int | None) ->
     return (root / "latest").read_text().strip()
 
 
-@pytest.mark.parametrize("strategy,procs", [("ddp", 1), ("ddp", 2), ("fsdp", 2)])
-def test_killed_run_resumes_to_the_same_weights(strategy, procs, recipe, one_process, tmp_path):
-    """kill -9 (one rank of two, or the single process) after a random checkpoint, resume with --resume, and
-    finish with the same weights and later losses as a run never interrupted. Two processes keep LoRA dropout on,
-    so each rank's random state has to come back too."""
+@pytest.mark.parametrize("strategy,procs,at", [("ddp", 1, None), ("ddp", 2, 3), ("fsdp", 2, None)])
+def test_killed_run_resumes_to_the_same_weights(strategy, procs, at, recipe, one_process, tmp_path):
+    """kill -9 (one rank of two, or the single process) after a checkpoint, resume with --resume, and finish with
+    the same weights and later losses as a run never interrupted. The checkpoint is a random one, or (``at`` 3) the
+    first stage's last, where the next stage starts from the saved random state. Two processes keep LoRA dropout
+    on, so each rank's random state has to come back too."""
     overrides = _overrides(strategy, NO_DROPOUT if procs == 1 else DROPOUT)
     if procs == 1:
         reference = one_process
     else:
         reference = tmp_path / "whole"
         _run(recipe, reference, procs, overrides)
-    at = random.randint(1, CHECKPOINTS - 1)
+    at = at or random.randint(1, CHECKPOINTS - 1)
     run = tmp_path / "cut"
     killed_at = _kill_at_checkpoint(_command(recipe, run, procs, overrides), run, at,
                                     rank=None if procs == 1 else random.randint(0, procs - 1))

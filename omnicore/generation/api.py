@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import dataclasses
+import warnings
 from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 
-from ..errors import OmnicoreError
+from ..errors import OmnicoreError, OmnicoreWarning
+from ..inputs import open_image
+from ..model.layout import CaptionTruncatedWarning
 from .engine import check_components, check_negative_prompts, generate_codes, generate_text, stream_text
 from .sampling import Sampling
+
+
+class AnswerLengthWarning(OmnicoreWarning):
+    """max_new_tokens was cut to the positions the model has left after the question."""
 
 
 def _open_image(image):
@@ -18,13 +25,7 @@ def _open_image(image):
 
     if image is None or isinstance(image, Image.Image):
         return image
-    path = Path(image)
-    if not path.is_file():
-        raise OmnicoreError(f"{path}: image file not found")
-    try:
-        return Image.open(path).convert("RGB")
-    except Exception as exc:
-        raise OmnicoreError(f"{path}: cannot read image: {exc}") from None
+    return open_image(image)
 
 
 def _pixels(model, images) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -40,11 +41,47 @@ def _pixels(model, images) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     return torch.stack(pix).to(model.device), has.to(model.device)
 
 
+def fit_answer_length(model, question_ids: Sequence[Sequence[int]], s: Sampling) -> Sampling:
+    """``s`` with ``max_new_tokens`` cut (and a warning) to what the model's MMU position table has room for
+    after the longest question; a question that leaves no room is an error."""
+    table = model.heads["mmu_positions"] if "mmu_positions" in model.heads else None
+    capacity = getattr(table, "num_positions", None)
+    if capacity is None or not question_ids:
+        return s
+    prefix = model.mmu_prefix_len
+    longest = max(len(q) for q in question_ids)
+    room = capacity - prefix - longest
+    if room < 1:
+        raise OmnicoreError(f"question: {longest} tokens, but this model reads at most {capacity - prefix - 1} "
+                            f"({capacity} positions, {prefix} of them for the image)")
+    if s.max_new_tokens > room:
+        warnings.warn(AnswerLengthWarning(
+            f"max_new_tokens {s.max_new_tokens}: after a question of {longest} tokens this model has positions for "
+            f"{room} answer tokens; answers stop there"), stacklevel=3)
+        s = dataclasses.replace(s, max_new_tokens=room)
+    return s
+
+
+def caption_truncation(model, prompts: Sequence[str], extra: Sequence[str | None] = ()) -> str | None:
+    """One sentence saying how many prompts the model reads only in part (``None``: none), for one warning per
+    call instead of one per caption; ``extra``: negative and component prompts, counted with them."""
+    limit = model.layout.max_caption_tokens
+    texts = list(dict.fromkeys([p for p in prompts if p is not None] + [t for t in extra if t is not None]))
+    counts = [model.layout.caption_tokens(t) for t in texts]
+    over = [c for c in counts if c > limit]
+    if not over:
+        return None
+    what = "prompts" if not any(t is not None for t in extra) else "prompts (negative and component ones included)"
+    return (f"{len(over)} of {len(texts)} {what} have more than {limit} tokens (the longest {max(over)}); the "
+            f"model reads only the first {limit} tokens of each (max_caption_tokens)")
+
+
 def answer(model, images: Sequence, questions: Sequence[str], batch_size: int = 16, **sampling) -> list[str]:
     """Answer each question about its image (an image may be None for text-only)."""
     if len(images) != len(questions):
         raise OmnicoreError(f"answer(): {len(images)} images but {len(questions)} questions")
     s = Sampling.from_kwargs(**{"greedy": True, **sampling}) if "temperature" not in sampling else Sampling.from_kwargs(**sampling)
+    s = fit_answer_length(model, [model.layout.question_ids(q) for q in questions], s)
     out: list[str] = []
     model.eval()
     for start in range(0, len(questions), batch_size):
@@ -59,12 +96,14 @@ def answer(model, images: Sequence, questions: Sequence[str], batch_size: int = 
 def stream_answer(model, image, question: str, **sampling) -> Iterator[str]:
     """Yield the answer's text piece by piece as tokens are generated."""
     s = Sampling.from_kwargs(**{"greedy": True, **sampling}) if "temperature" not in sampling else Sampling.from_kwargs(**sampling)
+    question_ids = model.layout.question_ids(question)
+    s = fit_answer_length(model, [question_ids], s)
     pixels, has = _pixels(model, [image])
     stops = {model.layout.sid("<|eot|>"), model.text_tokenizer.eos_id}
     ids: list[int] = []
     shown = ""
     model.eval()
-    for token in stream_text(model, pixels, has, [model.layout.question_ids(question)], s):
+    for token in stream_text(model, pixels, has, [question_ids], s):
         tok = int(token[0])
         if tok in stops:
             break
@@ -92,7 +131,7 @@ def codes_to_images(model, codes: torch.Tensor) -> list:
 def generate_images(model, prompts: Sequence[str], n_per_prompt: int = 1, guidance_scale: float = 1.0,
                     batch_size: int = 16, components: Sequence[Sequence[str]] | None = None,
                     component_scale: float = 1.0, negative_prompts: Sequence[str | None] | str | None = None,
-                    **sampling) -> list:
+                    warn_truncated: bool = True, **sampling) -> list:
     """PIL images, ``n_per_prompt`` per prompt, in prompt order.
 
     ``components``: composable guidance (Liu et al. 2022), one list of K component prompts per prompt (the same K
@@ -100,12 +139,19 @@ def generate_images(model, prompts: Sequence[str], n_per_prompt: int = 1, guidan
     each pushes the image towards itself with ``component_scale``, on top of the prompt's ``guidance_scale``.
     ``negative_prompts``: one string for all prompts, or one (or None) per prompt: guidance pushes away from it
     instead of from the unconditional prompt (needs ``guidance_scale`` other than 1), e.g. "a triangle on the
-    right" for "a blue triangle on the right" pushes along what the colour word adds."""
+    right" for "a blue triangle on the right" pushes along what the colour word adds.
+    ``warn_truncated``: one CaptionTruncatedWarning when prompts are longer than the model reads (False: the
+    caller has said so already)."""
     s = Sampling.from_kwargs(**sampling)
     check_components(components, len(prompts))
     if isinstance(negative_prompts, str):
         negative_prompts = [negative_prompts] * len(prompts)
     check_negative_prompts(negative_prompts, len(prompts))
+    if warn_truncated:
+        note = caption_truncation(model, prompts, list(negative_prompts or []) + [c for comp in components or []
+                                                                                  for c in comp])
+        if note:
+            warnings.warn(CaptionTruncatedWarning(note), stacklevel=2)
     captions = [p for p in prompts for _ in range(n_per_prompt)]
     comps = None if components is None else [list(c) for c in components for _ in range(n_per_prompt)]
     negs = None if negative_prompts is None else [n for n in negative_prompts for _ in range(n_per_prompt)]
@@ -113,9 +159,11 @@ def generate_images(model, prompts: Sequence[str], n_per_prompt: int = 1, guidan
     images = []
     for start in range(0, len(captions), batch_size):
         chunk = None if comps is None else comps[start:start + batch_size]
-        codes = generate_codes(model, captions[start:start + batch_size], guidance_scale, s, components=chunk,
-                               component_scale=component_scale,
-                               negative_prompts=None if negs is None else negs[start:start + batch_size])
+        with warnings.catch_warnings():  # said once above, not once per caption and batch
+            warnings.simplefilter("ignore", CaptionTruncatedWarning)
+            codes = generate_codes(model, captions[start:start + batch_size], guidance_scale, s, components=chunk,
+                                   component_scale=component_scale,
+                                   negative_prompts=None if negs is None else negs[start:start + batch_size])
         images += codes_to_images(model, codes)
     return images
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Iterator
 
 from rich.console import Console
 from rich.progress import Progress
 
 from ..errors import OmnicoreError
-from ..recipe.schema import InferenceSpec
+from ..inputs import MAX_PROMPTS_BYTES, parse_json, read_text
+from ..recipe.schema import InferenceInputs, InferenceSpec
 from ..training.checkpoint import atomic_write_text
 from .api import answer, generate_images, image_grid
 
@@ -21,32 +23,31 @@ def _resolve(path: str, base: Path) -> Path:
     return p
 
 
-def read_prompts(inputs: dict, base: Path) -> list[str]:
-    prompts = list(inputs.get("prompts", []))
-    if "prompts_file" in inputs:
-        path = _resolve(inputs["prompts_file"], base)
-        if not path.is_file():
+def read_prompts(inputs: InferenceInputs, base: Path) -> list[str]:
+    prompts = list(inputs.prompts)
+    if inputs.prompts_file is not None:
+        path = _resolve(inputs.prompts_file, base)
+        if not path.exists():
             raise OmnicoreError(f"inference.inputs.prompts_file: {path}: file not found")
-        prompts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        text = read_text(path, "prompts file", MAX_PROMPTS_BYTES)  # a regular UTF-8 file, size-capped
+        prompts += [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise OmnicoreError("inference.inputs: give 'prompts' (a list) or 'prompts_file' (one prompt per line)")
     return prompts
 
 
-def read_questions(inputs: dict, base: Path) -> list[dict]:
-    records = list(inputs.get("questions", []))
-    if "jsonl" in inputs:
-        path = _resolve(inputs["jsonl"], base)
-        if not path.is_file():
+def read_questions(inputs: InferenceInputs, base: Path) -> list[dict]:
+    records = [{"question": q.question, **({"image": str(_resolve(q.image, base))} if q.image else {})}
+               for q in inputs.questions]
+    if inputs.jsonl is not None:
+        path = _resolve(inputs.jsonl, base)
+        if not path.exists():
             raise OmnicoreError(f"inference.inputs.jsonl: {path}: file not found")
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(read_text(path, "questions file", MAX_PROMPTS_BYTES).splitlines(), 1):
             if not line.strip():
                 continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise OmnicoreError(f"{path}:{n}: invalid JSON: {exc.msg}") from None
-            if not isinstance(rec, dict) or "question" not in rec:
+            rec = parse_json(line, str(path), line=n)
+            if not isinstance(rec, dict) or not isinstance(rec.get("question"), str):
                 raise OmnicoreError(f"{path}:{n}: each line needs a 'question' (and optionally an 'image')")
             if rec.get("image"):
                 rec["image"] = str(_resolve(rec["image"], path.parent))
@@ -56,39 +57,56 @@ def read_questions(inputs: dict, base: Path) -> list[dict]:
     return records
 
 
+def read_inputs(spec: InferenceSpec, base: Path) -> list:
+    """The prompts (t2i) or question records (mmu) an inference block names, read and checked."""
+    return read_prompts(spec.inputs, base) if spec.task == "t2i" else read_questions(spec.inputs, base)
+
+
+def _batches(rows: int, batch_size: int, sampling: dict) -> Iterator[tuple[slice, dict]]:
+    """The rows of each decode call and its sampling options. A seeded generator restarts at every call, so each
+    batch gets a seed of its own (seed + batch number): with one seed for all, a prompt's samples in a later batch
+    would repeat those of an earlier one."""
+    for b, start in enumerate(range(0, rows, batch_size)):
+        seed = sampling.get("seed")
+        yield slice(start, start + batch_size), {**sampling, "seed": None if seed is None else seed + b}
+
+
 def run_inference(model, spec: InferenceSpec, run_dir: Path, recipe_dir: Path, console: Console) -> Path:
-    out = Path(run_dir) / spec.outputs.get("dir", "outputs")
+    """t2i: ``NNNN-k.png`` (prompt NNNN, sample k), grid.png and index.jsonl; mmu: answers.jsonl (the question's
+    record plus ``answer``, and ``sample`` when ``n_per_prompt`` > 1); all in ``run_dir / outputs.dir``."""
+    out = Path(run_dir) / spec.outputs.dir
     out.mkdir(parents=True, exist_ok=True)
     sampling = spec.sampling.model_dump(exclude={"guidance_scale"})
+    n = spec.n_per_prompt
     if spec.task == "t2i":
         prompts = read_prompts(spec.inputs, recipe_dir)
-        sampling.pop("max_new_tokens")
+        sampling.pop("max_new_tokens")  # a T2I image is always the grid's h*w codes
+        rows = [p for p in prompts for _ in range(n)]
         images = []
         with Progress(console=console) as progress:
-            bar = progress.add_task("generating images", total=len(prompts) * spec.n_per_prompt)
-            for start in range(0, len(prompts), spec.batch_size):
-                chunk = prompts[start:start + spec.batch_size]
-                images += generate_images(model, chunk, n_per_prompt=spec.n_per_prompt,
-                                          guidance_scale=spec.sampling.guidance_scale, batch_size=spec.batch_size,
-                                          **sampling)
+            bar = progress.add_task("generating images", total=len(rows))
+            for rows_slice, s in _batches(len(rows), spec.batch_size, sampling):
+                images += generate_images(model, rows[rows_slice], guidance_scale=spec.sampling.guidance_scale,
+                                          batch_size=spec.batch_size, **s)
                 progress.update(bar, completed=len(images))
         index = []
         for i, im in enumerate(images):
-            name = f"{i // spec.n_per_prompt:04d}-{i % spec.n_per_prompt}.png"
+            name = f"{i // n:04d}-{i % n}.png"
             im.save(out / name)
-            index.append({"file": name, "prompt": prompts[i // spec.n_per_prompt]})
+            index.append({"file": name, "prompt": prompts[i // n]})
         image_grid(images).save(out / "grid.png")
         atomic_write_text(out / "index.jsonl", "".join(json.dumps(r) + "\n" for r in index))
         console.print(f"wrote {len(images)} images and grid.png to {out}")
     else:
-        records = read_questions(spec.inputs, recipe_dir)
+        records = [{**r, **({"sample": k} if n > 1 else {})} for r in read_questions(spec.inputs, recipe_dir)
+                   for k in range(n)]
         answers: list[str] = []
         with Progress(console=console) as progress:
             bar = progress.add_task("answering", total=len(records))
-            for start in range(0, len(records), spec.batch_size):
-                chunk = records[start:start + spec.batch_size]
+            for rows_slice, s in _batches(len(records), spec.batch_size, sampling):
+                chunk = records[rows_slice]
                 answers += answer(model, [r.get("image") for r in chunk], [r["question"] for r in chunk],
-                                  batch_size=spec.batch_size, **sampling)
+                                  batch_size=spec.batch_size, **s)
                 progress.update(bar, completed=len(answers))
         atomic_write_text(out / "answers.jsonl",
                           "".join(json.dumps({**r, "answer": a}) + "\n" for r, a in zip(records, answers)))

@@ -1,4 +1,4 @@
-"""Token layouts of the two tasks (FACTS.md), as plain id lists built from a text tokenizer.
+"""Token layouts of the two tasks (OmniMamba's), as plain id lists built from a text tokenizer.
 
 MMU: [<|mmu|>, <|soi|>, <image: num_patches slots>, <|eoi|>, <|sot|>, question, answer, <|eot|>, ...]
 T2I: [<|t2i|>, <|sot|>, caption (left padded to max_caption_tokens), <|eot|>, <|soi|>, codes...]
@@ -11,7 +11,13 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
+from ..errors import OmnicoreWarning
+
 IGNORE = -100  # label value CrossEntropyLoss skips
+
+
+class CaptionTruncatedWarning(OmnicoreWarning):
+    """A caption had more tokens than the model reads; the rest were dropped."""
 
 
 @dataclass(frozen=True)
@@ -62,12 +68,17 @@ class Layout:
         """Where the (first read of the) caption's tokens sit in a T2I prefix, padding included."""
         return slice(2, 2 + self.max_caption_tokens)
 
+    def caption_tokens(self, caption: str) -> int:
+        """How many tokens a caption has before truncation to ``max_caption_tokens``."""
+        return len(self.tokenizer.encode(caption.strip()))
+
     def t2i_prefix(self, caption: str | None) -> list[int]:
         """The conditioning prefix; ``None`` gives the unconditional (dropped caption) prefix."""
         ids = [] if caption is None else self.tokenizer.encode(caption.strip())
         if len(ids) > self.max_caption_tokens:
-            warnings.warn(f"caption {caption[:60]!r} has {len(ids)} tokens; the model reads the first "
-                          f"{self.max_caption_tokens} (max_caption_tokens)", stacklevel=2)
+            warnings.warn(CaptionTruncatedWarning(
+                f"caption {caption[:60]!r} has {len(ids)} tokens; the model reads the first "
+                f"{self.max_caption_tokens} (max_caption_tokens)"), stacklevel=2)
             ids = ids[: self.max_caption_tokens]
         pad = [self.tokenizer.pad_id] * (self.max_caption_tokens - len(ids))
         block = [self.sid("<|sot|>")] + pad + ids + [self.sid("<|eot|>")]

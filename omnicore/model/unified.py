@@ -13,11 +13,12 @@ import shutil
 from pathlib import Path
 from typing import Any, Optional
 
+import pydantic
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import CheckpointError, OmnicoreError
+from ..errors import CheckpointError, InputFileError, OmnicoreError
 from ..registry import registry
 from .layout import IGNORE, Layout
 from .losses import code_balanced_ce
@@ -336,35 +337,117 @@ def build(recipe: Any) -> UnifiedModel:
     raise TypeError(f"build() takes a recipe path, LoadedRecipe, Recipe or dict, not {type(recipe).__name__}")
 
 
-def load(directory: str | os.PathLike, device: str | torch.device | None = None) -> UnifiedModel:
-    """Restore a model saved by ``UnifiedModel.save`` (or a run's final model), no recipe needed."""
-    from ..training.checkpoint import load_state_dict_file
+# config.json is a few KB; its nesting is a handful of levels (model -> role -> params -> kwargs).
+CONFIG_MAX_DEPTH = 32
 
-    directory = Path(directory)
+
+def _read_config(directory: Path) -> tuple[Path, dict]:
+    """config.json of a model directory, checked for shape before anything is built from it."""
+    from ..inputs import MAX_CONFIG_BYTES, parse_json, read_text, regular_file
+
     config_path = directory / CONFIG_FILE
-    if not config_path.is_file():
-        raise CheckpointError(f"{directory}: not a model directory (no {CONFIG_FILE})")
     try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{config_path}: invalid JSON: {exc}") from None
+        if not directory.is_dir():
+            what = "does not exist" if not directory.exists() else "is not a directory"
+            raise CheckpointError(f"{directory}: not a model directory ({what})")
+        if not config_path.exists() and not config_path.is_symlink():
+            raise CheckpointError(f"{directory}: not a model directory (no {CONFIG_FILE})")
+        regular_file(config_path, "model config")
+        config = parse_json(read_text(config_path, "model config", MAX_CONFIG_BYTES), str(config_path),
+                            max_depth=CONFIG_MAX_DEPTH)
+    except InputFileError as exc:
+        raise CheckpointError(str(exc)) from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
     if config.get("format") != FORMAT:
         raise CheckpointError(f"{config_path}: not an omnicore model config (format {config.get('format')!r})")
+    if not isinstance(config.get("model"), dict):
+        raise CheckpointError(f"{config_path}: 'model' must be an object (the recipe's model block)")
+    tied = config.get("tied", {})
+    if not isinstance(tied, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in tied.items()):
+        raise CheckpointError(f"{config_path}: 'tied' must map weight names to weight names")
+    from ..recipe.schema import ModelSpec
+
+    try:
+        ModelSpec.model_validate(config["model"])
+    except pydantic.ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in ("model", *err["loc"]))
+        raise CheckpointError(f"{config_path}: {where}: {err['msg']}") from None
+    return config_path, config
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A model directory's safetensors file (never a pickle), malformed files reported in one line."""
+    from ..inputs import first_line, regular_file
+    from ..training.checkpoint import load_state_dict_file
+
+    try:
+        regular_file(path, "weights file")
+    except InputFileError as exc:
+        raise CheckpointError(str(exc)) from None
+    try:
+        return load_state_dict_file(path)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # the safetensors reader's own error types vary across versions
+        raise CheckpointError(f"{path}: unreadable safetensors file: {first_line(exc)}") from None
+
+
+def _check_size(spec: dict, state: dict[str, torch.Tensor], config_path: Path) -> None:
+    """Refuse a config that describes a (much) larger model than its weights hold, before allocating it: a
+    wrong or crafted config.json would otherwise ask for any amount of memory and time."""
+    try:
+        with torch.device("meta"):
+            shell = build_from_spec(copy.deepcopy(spec))
+    except Exception:  # a component that computes on its tensors at init: no cheap estimate, build for real
+        return
+    described = sum(t.numel() for t in shell.state_dict().values())
+    held = sum(t.numel() for t in state.values())
+    if described > 2 * held + (1 << 20):
+        raise CheckpointError(f"{config_path}: describes a model of {described:,} values but the weights hold "
+                              f"{held:,}; config.json does not belong to these weights")
+
+
+def load(directory: str | os.PathLike, device: str | torch.device | None = None) -> UnifiedModel:
+    """Restore a model saved by ``UnifiedModel.save`` (or a run's final model), no recipe needed.
+
+    The safetensors files are read (and so checked) before the model is built; nothing is unpickled."""
+    from ..inputs import first_line
+
+    directory = Path(directory)
+    config_path, config = _read_config(directory)
+    saved_spec = copy.deepcopy(config["model"])
     spec = config["model"]
+    state = _read_weights(directory / WEIGHTS_FILE)
+    adapters = directory / ADAPTERS_FILE
+    if adapters.exists() or adapters.is_symlink():
+        state.update(_read_weights(adapters))
+    for alias, canonical in config.get("tied", {}).items():
+        if canonical not in state:
+            raise CheckpointError(f"{config_path}: tied weight {alias!r} names {canonical!r}, which is not in "
+                                  f"{WEIGHTS_FILE}")
+        state[alias] = state[canonical]
     if spec.get("text_tokenizer"):
         _resolve_model_dir_paths(spec["text_tokenizer"], directory)
-    model = build_from_spec(spec)
-    state = load_state_dict_file(directory / WEIGHTS_FILE)
-    if (directory / ADAPTERS_FILE).is_file():
-        state.update(load_state_dict_file(directory / ADAPTERS_FILE))
-    for alias, canonical in config.get("tied", {}).items():
-        state[alias] = state[canonical]
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    _check_size(spec, state, config_path)
+    try:
+        model = build_from_spec(spec)
+    except OmnicoreError as exc:
+        raise CheckpointError(f"{config_path}: {exc}") from None
+    except Exception as exc:  # a component factory given values of the wrong kind by a hand-edited config
+        raise CheckpointError(f"{config_path}: cannot build the model it describes: "
+                              f"{type(exc).__name__}: {first_line(exc)}") from None
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shapes that differ from the config's
+        detail = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), first_line(exc))
+        raise CheckpointError(f"{directory}: weights do not match the config: {detail}") from None
     if missing or unexpected:
         raise CheckpointError(f"{directory}: weights do not match the config: missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]}")
     model.config = {k: v for k, v in config.items() if k not in ("format", "version", "tied")}
-    model.config["model"] = json.loads(config_path.read_text())["model"]
+    model.config["model"] = saved_spec
     model.eval()
     if device is not None:
         model.to(device)

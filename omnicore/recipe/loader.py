@@ -14,9 +14,10 @@ from typing import Any
 import pydantic
 import yaml
 
-from ..errors import RecipeError
+from ..errors import InputFileError, RecipeError
+from ..inputs import regular_file
 from .schema import Recipe
-from .yaml_source import KeyPath, Location, read_yaml
+from .yaml_source import KeyPath, Location, YamlSyntaxError, load_bounded, read_yaml
 
 
 @dataclass
@@ -55,6 +56,13 @@ def resolve_recipe_path(ref: str | Path, relative_to: Path | None = None) -> Pat
     for c in candidates:
         if c.is_file():
             return c
+    for c in candidates:  # something is there, but not a file to read: say what, not "no such recipe"
+        if c.exists() or c.is_symlink():
+            try:
+                regular_file(c, "recipe")
+            except InputFileError as exc:
+                raise RecipeError(str(exc)) from None
+            return c
     from ..registry import registry  # registered recipes (built-in or from plugins)
 
     try:
@@ -73,18 +81,28 @@ def _deep_merge(base: Any, over: Any) -> Any:
     return copy.deepcopy(over)
 
 
+# Recipes extend one or two others; a longer chain is a mistake (or a crafted file), not a layout.
+MAX_EXTENDS = 16
+
+
 def _read_with_extends(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict, dict[KeyPath, Location]]:
     path = path.resolve()
     if path in chain:
         cycle = " -> ".join(str(p) for p in chain + (path,))
         raise RecipeError(f"{path}: 'extends' cycle: {cycle}")
+    if len(chain) >= MAX_EXTENDS:
+        raise RecipeError(f"{path}: 'extends' chain longer than {MAX_EXTENDS} recipes (from {chain[0]})")
     data, sources = read_yaml(path)
     parent_ref = data.pop("extends", None)
     if parent_ref is None:
         return data, sources
+    where = sources.get(("extends",), path)
     if not isinstance(parent_ref, str):
-        raise RecipeError(f"{sources.get(('extends',), path)}: 'extends' must be a recipe path or name")
-    parent_path = resolve_recipe_path(parent_ref, relative_to=path.parent)
+        raise RecipeError(f"{where}: 'extends' must be a recipe path or name")
+    try:
+        parent_path = resolve_recipe_path(parent_ref, relative_to=path.parent)
+    except RecipeError as exc:
+        raise RecipeError(f"{where}: extends: {exc}") from None
     parent_data, parent_sources = _read_with_extends(parent_path, chain + (path,))
     merged_sources = dict(parent_sources)
     merged_sources.update(sources)
@@ -148,8 +166,9 @@ def apply_override(data: dict, override: str) -> KeyPath:
             raise RecipeError(f"override {override!r}: {'.'.join(keys)} is not set") from None
     else:
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
+            label = override if len(override) <= 60 else override[:57] + "..."
+            value = load_bounded(raw, f"override {label!r}") if raw.strip() else ""
+        except YamlSyntaxError:  # not YAML: the text itself (too deep or too many aliases still fails)
             value = raw
         node[k] = value
     return tuple(resolved)

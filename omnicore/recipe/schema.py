@@ -18,27 +18,37 @@ class Strict(BaseModel):
 class ComponentSpec(Strict):
     """A registered component by name, with the parameters for its factory."""
 
-    type: str
+    type: str  # a registered component name (`omni plugins`)
+    # keyword arguments of the component's factory, checked against its signature
     params: dict[str, Any] = Field(default_factory=dict)
     weights: Optional[str] = None  # a local file loaded after building (safetensors, or .pt read weights_only)
     weights_prefix: Optional[str] = None  # keep only the file's keys under this prefix, stripped ("backbone.")
     weights_map: dict[str, str] = Field(default_factory=dict)  # file key -> module key; only these are loaded
-    trainable: Optional[bool] = None  # a default for stages that do not list this role
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_saved_trainable(cls, data: Any) -> Any:
+        # config.json of models saved while the schema had a (never read) 'trainable' option holds
+        # "trainable": null in every component; a set value stays an unknown key
+        if isinstance(data, dict) and "trainable" in data and data["trainable"] is None:
+            data = {k: v for k, v in data.items() if k != "trainable"}
+        return data
 
 
 class ModelSpec(Strict):
     """Components by role. Fixed roles are typed; further roles go under ``extra``."""
 
-    encoder: Optional[ComponentSpec] = None
-    projector: Optional[ComponentSpec] = None
-    image_tokenizer: Optional[ComponentSpec] = None
-    text_tokenizer: Optional[ComponentSpec] = None
-    backbone: ComponentSpec
+    encoder: Optional[ComponentSpec] = None  # the MMU image encoder (e.g. timm_vit, dino_siglip)
+    projector: Optional[ComponentSpec] = None  # encoder features -> d_model (in_dim and out_dim are wired in)
+    image_tokenizer: Optional[ComponentSpec] = None  # the VQ tokenizer whose codes T2I predicts
+    text_tokenizer: Optional[ComponentSpec] = None  # required: byte, or hf_tokenizer over a local tokenizer.json
+    backbone: ComponentSpec  # the sequence model (mamba2), with its task LoRA adapters
+    # text (required), image, caption, caption_pool, position tables, contrastive
     heads: dict[str, ComponentSpec] = Field(default_factory=dict)
-    extra: dict[str, ComponentSpec] = Field(default_factory=dict)
-    # sequence layout (FACTS.md): caption tokens for T2I (left padded) and MMU text budget
+    extra: dict[str, ComponentSpec] = Field(default_factory=dict)  # further roles a plugin's model parts need
+    # T2I caption tokens, left padded to this length (longer captions are cut, with a warning)
     max_caption_tokens: int = Field(68, gt=0)
-    max_text_tokens: int = Field(512, gt=0)
+    max_text_tokens: int = Field(512, gt=0)  # MMU text budget after the image (question + answer tokens)
     image_size: int = Field(256, gt=0)  # T2I resolution: the tokenizer's grid is image_size / downsample
     caption_reads: int = Field(1, ge=1, le=4)  # the T2I caption block repeated ("just read twice", layout.py)
 
@@ -46,17 +56,17 @@ class ModelSpec(Strict):
 class DataSpec(ComponentSpec):
     """A registered dataset plus loader settings."""
 
-    num_workers: int = Field(0, ge=0)
-    shuffle: bool = True
+    num_workers: int = Field(0, ge=0)  # DataLoader worker processes (0: in the training process)
+    shuffle: bool = True  # a seeded permutation each epoch (resumable), else file order
 
 
 class TaskSpec(Strict):
-    batch_size: int = Field(gt=0)
-    weight: float = Field(1.0, ge=0)
+    batch_size: int = Field(gt=0)  # rows a step, summed over processes (must divide by their number)
+    weight: float = Field(1.0, ge=0)  # the task loss's weight in the stage's summed loss
     # t2i only: weigh each target code by (its count in the batch) ** -code_balance, so rare codes (the object)
     # count more against frequent ones (the background); 0 = plain mean (omnicore.model.losses.code_balanced_ce)
     code_balance: float = Field(0.0, ge=0, le=1)
-    data: Optional[DataSpec] = None
+    data: Optional[DataSpec] = None  # the task's dataset
 
     def loss_options(self) -> dict:
         """Keyword arguments of the task's loss (UnifiedModel.loss) that differ from its defaults."""
@@ -66,42 +76,46 @@ class TaskSpec(Strict):
 class TrainSpec(Strict):
     """What a stage unfreezes: whole roles, parameter-name globs and LoRA adapters (by task)."""
 
+    # roles to train: encoder, projector, backbone, image_tokenizer, heads, heads.<name>
     roles: list[str] = Field(default_factory=list)
-    globs: list[str] = Field(default_factory=list)
-    adapters: list[str] = Field(default_factory=list)
+    globs: list[str] = Field(default_factory=list)  # parameter-name patterns to train (fnmatch)
+    adapters: list[str] = Field(default_factory=list)  # LoRA adapters to train, by task (mmu, t2i)
 
 
 class OptimizerSpec(Strict):
-    name: Literal["adamw"] = "adamw"
-    lr: float = Field(gt=0)
-    betas: tuple[float, float] = (0.9, 0.95)
-    weight_decay: float = Field(0.0, ge=0)
-    eps: float = Field(1e-8, gt=0)
+    name: Literal["adamw"] = "adamw"  # AdamW (torch.optim.AdamW)
+    lr: float = Field(gt=0)  # peak learning rate
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW's moment decays
+    weight_decay: float = Field(0.0, ge=0)  # decoupled weight decay
+    eps: float = Field(1e-8, gt=0)  # AdamW's denominator term
 
 
 class ScheduleSpec(Strict):
+    # cosine: linear warm-up, then cosine decay to min_lr_ratio * lr; constant: warm-up only
     kind: Literal["cosine", "constant"] = "cosine"
-    warmup_steps: int = Field(0, ge=0)
-    min_lr_ratio: float = Field(0.01, ge=0, le=1)
+    warmup_steps: int = Field(0, ge=0)  # steps of linear warm-up from 0
+    min_lr_ratio: float = Field(0.01, ge=0, le=1)  # the cosine's end as a fraction of lr
 
 
 class StageSpec(Strict):
-    name: str
+    name: str  # unique; names checkpoints and overrides (stages.<name>.steps=10)
     # unified: the model's tasks; vqgan: the image tokenizer; contrastive: the encoder, SigLIP-style, against the
     # caption tower heads.contrastive
     kind: Literal["unified", "vqgan", "contrastive"] = "unified"
+    # unified stages: mmu and/or t2i, one forward each with its own adapter
     tasks: dict[str, TaskSpec] = Field(default_factory=dict)
     data: Optional[DataSpec] = None  # for kinds vqgan (images) and contrastive (images with captions)
     batch_size: Optional[int] = Field(None, gt=0)  # for kinds vqgan and contrastive
-    train: TrainSpec = Field(default_factory=TrainSpec)
-    optimizer: OptimizerSpec
-    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
-    steps: int = Field(gt=0)
-    grad_accum: int = Field(1, gt=0)
-    grad_clip: Optional[float] = Field(1.0, gt=0)
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    gradient_checkpointing: bool = False
+    train: TrainSpec = Field(default_factory=TrainSpec)  # what the stage unfreezes; everything else is frozen
+    optimizer: OptimizerSpec  # AdamW settings
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)  # learning-rate schedule over the stage's steps
+    steps: int = Field(gt=0)  # optimizer steps
+    grad_accum: int = Field(1, gt=0)  # micro-batches a step (gradients synchronised on the last only)
+    grad_clip: Optional[float] = Field(1.0, gt=0)  # clip the gradient norm to this (null: no clipping)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    gradient_checkpointing: bool = False  # recompute backbone blocks in backward (less memory, more time)
     distributed: Literal["ddp", "fsdp"] = "ddp"  # used when launched with several processes
+    # probability of training T2I on the unconditional prompt (for guidance)
     caption_dropout: float = Field(0.0, ge=0, le=1)
     # decay of an exponential moving average of the trained weights (e.g. 0.99: about the last 100 steps), which
     # replaces them at the stage's end, so later stages, the saved model and the evaluation use the average;
@@ -111,10 +125,9 @@ class StageSpec(Strict):
     # frozen and the stage draws at least as many samples as the dataset holds
     cache_codes: Optional[bool] = None
     checkpoint_every: int = Field(0, ge=0)  # 0: only at the end of the stage
-    eval_every: int = Field(0, ge=0)
-    log_every: int = Field(10, gt=0)
+    log_every: int = Field(10, gt=0)  # steps between metrics.jsonl records
     init_from: Optional[str] = None  # a checkpoint or model directory to start from
-    seed: Optional[int] = None
+    seed: Optional[int] = None  # reseed before this stage (null: continue the run's random streams)
 
     @model_validator(mode="after")
     def _check_kind(self) -> "StageSpec":
@@ -131,35 +144,59 @@ class StageSpec(Strict):
 
 
 class SamplingSpec(Strict):
-    temperature: float = Field(1.0, ge=0)
-    top_k: Optional[int] = Field(None, gt=0)
-    top_p: Optional[float] = Field(None, gt=0, le=1)
-    min_p: Optional[float] = Field(None, ge=0, le=1)
-    repetition_penalty: float = Field(1.0, gt=0)
-    max_new_tokens: int = Field(64, gt=0)
-    guidance_scale: float = Field(1.0, ge=0)
-    seed: Optional[int] = None
-    greedy: bool = False
-    ignore_eos: bool = False
+    temperature: float = Field(1.0, ge=0)  # 0: greedy
+    top_k: Optional[int] = Field(None, gt=0)  # keep the k most likely tokens
+    top_p: Optional[float] = Field(None, gt=0, le=1)  # keep the smallest set of tokens with this much probability
+    min_p: Optional[float] = Field(None, ge=0, le=1)  # drop tokens below min_p times the top token's probability
+    repetition_penalty: float = Field(1.0, gt=0)  # divide logits of tokens already produced by this (1: off)
+    max_new_tokens: int = Field(64, gt=0)  # MMU answer length limit (T2I always draws the whole code grid)
+    guidance_scale: float = Field(1.0, ge=0)  # T2I classifier-free guidance (1: off)
+    seed: Optional[int] = None  # seeds the sampling noise (null: not reproducible)
+    greedy: bool = False  # argmax decoding, whatever the other options
+
+
+class QuestionSpec(Strict):
+    question: str  # the question text
+    image: Optional[str] = None  # an image file (relative: to the working directory, else the recipe's folder)
+
+
+class InferenceInputs(Strict):
+    """t2i: ``prompts`` and/or ``prompts_file`` (one prompt a line); mmu: ``questions`` and/or ``jsonl`` (lines of
+    ``{"image": path, "question": text}``, images relative to the JSONL's folder). Relative files: to the working
+    directory, else the recipe's folder."""
+
+    prompts: list[str] = Field(default_factory=list)  # t2i captions
+    prompts_file: Optional[str] = None  # t2i: a text file, one caption a line
+    questions: list[QuestionSpec] = Field(default_factory=list)  # mmu questions, each with an optional image
+    jsonl: Optional[str] = None  # mmu: lines of {"image": path, "question": text}
+
+
+class InferenceOutputs(Strict):
+    dir: str = "outputs"  # relative to the run directory
 
 
 class InferenceSpec(Strict):
-    task: Literal["t2i", "mmu"]
+    """t2i: each prompt ``n_per_prompt`` times -> PNGs, grid.png and index.jsonl; mmu: each question
+    ``n_per_prompt`` times -> answers.jsonl; both in ``outputs.dir`` of the run directory. ``batch_size`` rows are
+    decoded at once."""
+
+    task: Literal["t2i", "mmu"]  # t2i: images from prompts; mmu: answers to questions
     model: Optional[str] = None  # a model directory; default: the model this recipe's stages produce
-    inputs: dict[str, Any] = Field(default_factory=dict)  # prompts / prompts_file / jsonl
-    sampling: SamplingSpec = Field(default_factory=SamplingSpec)
-    batch_size: int = Field(8, gt=0)
-    n_per_prompt: int = Field(1, gt=0)
-    outputs: dict[str, Any] = Field(default_factory=dict)
+    inputs: InferenceInputs = Field(default_factory=InferenceInputs)  # the prompts or questions
+    sampling: SamplingSpec = Field(default_factory=SamplingSpec)  # decoding options
+    batch_size: int = Field(8, gt=0)  # rows decoded at once
+    n_per_prompt: int = Field(1, gt=0)  # samples for each prompt or question
+    outputs: InferenceOutputs = Field(default_factory=InferenceOutputs)  # where the results go
 
 
 class EvaluationSpec(Strict):
     """End-of-run evaluation on held-out data: MMU answers decoded greedily; T2I sampled with ``sampling``."""
 
-    mmu: Optional[DataSpec] = None
-    t2i: Optional[DataSpec] = None
+    mmu: Optional[DataSpec] = None  # a held-out MMU dataset, scored by exact-match answers
+    t2i: Optional[DataSpec] = None  # a held-out T2I dataset that can score images (score_images)
+    # decoding options (greedy by default)
     sampling: SamplingSpec = Field(default_factory=lambda: SamplingSpec(greedy=True))
-    guidance_scale: float = Field(1.0, ge=0)
+    guidance_scale: float = Field(1.0, ge=0)  # T2I classifier-free guidance (1: off)
     # composable guidance for T2I: each sample's component prompts (the t2i dataset supplies them) push with this
     # scale on top of guidance_scale; the plain-guidance figures are reported too (t2i_plain_*). None: off
     component_scale: Optional[float] = Field(None, gt=0, allow_inf_nan=False)
@@ -180,12 +217,13 @@ class EvaluationSpec(Strict):
 
 
 class Recipe(Strict):
-    description: str = ""
-    seed: int = 0
-    model: Optional[ModelSpec] = None
+    description: str = ""  # what the recipe is for (shown by `omni recipe ls`)
+    seed: int = 0  # seeds Python, NumPy and torch before the model is built
+    model: Optional[ModelSpec] = None  # the model's components by role; needed by training stages
+    # training stages, run in order, each from the previous one's weights
     stages: list[StageSpec] = Field(default_factory=list)
-    evaluation: Optional[EvaluationSpec] = None
-    inference: Optional[InferenceSpec] = None
+    evaluation: Optional[EvaluationSpec] = None  # held-out evaluation after the stages (eval.json)
+    inference: Optional[InferenceSpec] = None  # inference after the stages, or on inference.model alone
 
     @field_validator("stages")
     @classmethod

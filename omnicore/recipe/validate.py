@@ -24,6 +24,19 @@ def _check_component(loaded: LoadedRecipe, path: tuple, kind: str, spec: Compone
         problems.append(f"{loaded.where(path + ('params',))}: {'.'.join(map(str, path))}.params: {exc}")
 
 
+# The task whose decoding reads each sampling option of an inference block: T2I draws exactly the tokenizer grid's
+# h*w codes (no length limit), MMU has no guidance.
+_ONLY_FOR = {"max_new_tokens": "mmu", "guidance_scale": "t2i"}
+_INPUTS = {"prompts": "t2i", "prompts_file": "t2i", "questions": "mmu", "jsonl": "mmu"}
+
+
+def _given(data: dict, *path: str) -> dict:
+    """The keys a block sets in the (resolved) recipe data; defaults do not count."""
+    for key in path:
+        data = data.get(key) if isinstance(data, dict) else None
+    return data if isinstance(data, dict) else {}
+
+
 def validate_recipe(loaded: LoadedRecipe) -> list[str]:
     """All problems found, each a one-line message starting with file:line. Empty when the recipe is good."""
     recipe = loaded.recipe
@@ -74,4 +87,18 @@ def validate_recipe(loaded: LoadedRecipe) -> list[str]:
             spec = getattr(recipe.evaluation, task)
             if spec is not None:
                 _check_component(loaded, ("evaluation", task), "dataset", spec, set(), problems)
+        if "guidance_scale" in _given(loaded.data, "evaluation", "sampling"):
+            problems.append(f"{loaded.where(('evaluation', 'sampling', 'guidance_scale'))}: evaluation.sampling."
+                            f"guidance_scale: not read: evaluation guides T2I with evaluation.guidance_scale")
+    if recipe.inference is not None:
+        task = recipe.inference.task
+        for key in _given(loaded.data, "inference", "inputs"):
+            if _INPUTS.get(key, task) != task:
+                wanted = " and ".join(repr(k) for k, t in _INPUTS.items() if t == task)
+                problems.append(f"{loaded.where(('inference', 'inputs', key))}: inference.inputs.{key}: an input "
+                                f"for task {_INPUTS[key]}; task {task} reads {wanted}")
+        for key in _given(loaded.data, "inference", "sampling"):
+            if _ONLY_FOR.get(key, task) != task:
+                problems.append(f"{loaded.where(('inference', 'sampling', key))}: inference.sampling.{key}: not "
+                                f"read by task {task} (it applies to {_ONLY_FOR[key]})")
     return problems

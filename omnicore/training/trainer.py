@@ -97,10 +97,14 @@ def _restore_progress(optimizer: torch.optim.Optimizer, resume: dict[str, Any] |
         return 0
     if resume.get("optimizer"):
         load_optimizer_state(wrapped, optimizer, resume["optimizer"])
-    by_rank = resume.get("rng_by_rank") or [resume["rng"]]
-    # each process continues its own random streams; on another number of processes, rank 0's
-    restore_rng(by_rank[info.rank] if len(by_rank) == info.world_size else by_rank[0])
+    restore_process_rng(resume, info)
     return resume["step"]
+
+
+def restore_process_rng(trainer_state: dict[str, Any], info: DistInfo) -> None:
+    """This process's random streams as a checkpoint saved them; on another number of processes, rank 0's."""
+    by_rank = trainer_state.get("rng_by_rank") or [trainer_state["rng"]]
+    restore_rng(by_rank[info.rank] if len(by_rank) == info.world_size else by_rank[0])
 
 
 def _make_optimizer(params: list[torch.nn.Parameter], stage: StageSpec) -> torch.optim.Optimizer:

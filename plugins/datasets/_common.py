@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from omnicore.errors import OmnicoreError
+from omnicore.errors import InputFileError, OmnicoreError
+from omnicore.inputs import iter_lines, open_image, parse_json, read_text, special_file_kind
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -21,38 +22,59 @@ class DatasetFileNotFoundError(OmnicoreError, FileNotFoundError):
 
 
 def require_file(path: str | Path, what: str) -> Path:
+    """``path`` as a regular file: missing is a (FileNotFound) error, so is a folder, FIFO or device, which
+    would fail or block when read."""
     p = Path(path).expanduser()
-    if not p.is_file():
-        state = "is a directory, not a file" if p.is_dir() else "does not exist"
-        raise DatasetFileNotFoundError(f"{what} {str(p)!r} {state}")
+    if not p.exists():
+        raise DatasetFileNotFoundError(f"{what} {str(p)!r} does not exist")
+    kind = special_file_kind(p)
+    if kind is not None:
+        raise DatasetError(f"{what} {str(p)!r} is {kind}, not a regular file")
     return p
 
 
 def require_dir(path: str | Path, what: str) -> Path:
     p = Path(path).expanduser()
     if not p.is_dir():
-        state = "is a file, not a folder" if p.exists() else "does not exist"
-        raise DatasetFileNotFoundError(f"{what} {str(p)!r} {state}")
+        if not p.exists():
+            raise DatasetFileNotFoundError(f"{what} {str(p)!r} does not exist")
+        raise DatasetFileNotFoundError(f"{what} {str(p)!r} is {special_file_kind(p) or 'a file'}, not a folder")
     return p
 
 
-def open_rgb(path: str | Path, context: str = ""):
-    """Open an image file fully (no file handle left open) and convert it to RGB."""
-    from PIL import Image, UnidentifiedImageError
+def read_lines(path: Path, what: str):
+    """``(line number, text)`` of a UTF-8 data file, one line at a time; unreadable bytes are a DatasetError."""
+    try:
+        yield from iter_lines(path, what)
+    except InputFileError as exc:
+        raise DatasetError(str(exc)) from None
 
+
+def read_data_text(path: Path, what: str, max_bytes: int | None = None) -> str:
+    """A whole UTF-8 data file (a JSON list, a caption); unreadable bytes are a DatasetError."""
+    try:
+        return read_text(path, what, max_bytes)
+    except InputFileError as exc:
+        raise DatasetError(str(exc)) from None
+
+
+def parse_data_json(text: str, path: Path, line: int | None = None):
+    """JSON of a whole data file, or of its line ``line`` (JSONL); malformed JSON is a DatasetError."""
+    try:
+        return parse_json(text, str(path), line=line)
+    except InputFileError as exc:
+        raise DatasetError(str(exc)) from None
+
+
+def open_rgb(path: str | Path, context: str = ""):
+    """Open an image file fully (no file handle left open) and convert it to RGB; transparency is composited
+    over white. Dimensions over omnicore.inputs.MAX_IMAGE_PIXELS are refused before decoding."""
     where = f" ({context})" if context else ""
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise DatasetFileNotFoundError(f"image file {str(p)!r} does not exist{where}")
     try:
-        with Image.open(p) as im:
-            im.load()
-            if im.mode == "RGB":
-                return im.copy()
-            if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
-                rgba = im.convert("RGBA")  # composite transparency over white, not black
-                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                return Image.alpha_composite(background, rgba).convert("RGB")
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError) as exc:
-        raise DatasetError(f"image file {str(p)!r} cannot be read{where}: {exc}") from None
+        return open_image(p)
+    except InputFileError as exc:
+        detail = str(exc).removeprefix(f"{p}: ")
+        raise DatasetError(f"image file {str(p)!r} cannot be read{where}: {detail}") from None

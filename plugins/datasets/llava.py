@@ -13,12 +13,11 @@ opened only when a sample is read, converted to RGB.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from ._common import DatasetError, open_rgb, require_dir, require_file
+from ._common import DatasetError, open_rgb, parse_data_json, read_data_text, read_lines, require_dir, require_file
 
 IMAGE_TOKEN = "<image>"
 HUMAN = {"human", "user"}
@@ -85,20 +84,10 @@ class LlavaJson(Dataset):
 
     def _load(self) -> list:
         path = self.json_path
-        text = path.read_text(encoding="utf-8")
         if path.suffix.lower() == ".jsonl":
-            records = []
-            for n, line in enumerate(text.splitlines(), 1):
-                if line.strip():
-                    try:
-                        records.append(json.loads(line))
-                    except json.JSONDecodeError as exc:
-                        raise DatasetError(f"{path}:{n}: invalid JSON: {exc.msg} (column {exc.colno})") from None
-            return records
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DatasetError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+            return [parse_data_json(line, path, n) for n, line in read_lines(path, "conversation file")
+                    if line.strip()]
+        records = parse_data_json(read_data_text(path, "conversation file"), path)
         if not isinstance(records, list):
             raise DatasetError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
         return records

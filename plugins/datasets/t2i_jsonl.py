@@ -18,7 +18,10 @@ from typing import Any, Iterable
 import numpy as np
 from torch.utils.data import Dataset
 
-from ._common import IMAGE_EXTENSIONS, DatasetError, open_rgb, require_dir, require_file
+from omnicore.inputs import MAX_CAPTION_BYTES
+
+from ._common import (IMAGE_EXTENSIONS, DatasetError, open_rgb, parse_data_json, read_data_text, read_lines,
+                      require_dir, require_file)
 
 CAPTIONS_JSONL = "captions.jsonl"
 
@@ -59,31 +62,27 @@ class T2IJsonl(Dataset):
         self.images: list[str | None] = []
         self.lines: list[int] = []
         codes: list[np.ndarray | None] = []
-        with open(self.path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{self.path}:{n}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DatasetError(f"{where}: invalid JSON: {exc.msg} (column {exc.colno})") from None
-                if not isinstance(record, dict):
-                    raise DatasetError(f"{where}: expected a JSON object, got {type(record).__name__}")
-                caption = record.get("caption")
-                if not isinstance(caption, str):
-                    raise DatasetError(f"{where}: 'caption' must be a string"
-                                       + ("" if "caption" in record else " (missing)"))
-                image = record.get("image")
-                if image is not None and not isinstance(image, str):
-                    raise DatasetError(f"{where}: 'image' must be a path string")
-                c = record.get("codes")
-                if c is None and image is None:
-                    raise DatasetError(f"{where}: the line has neither 'codes' nor 'image'")
-                codes.append(None if c is None else _codes_array(c, where, num_codes, codebook_size))
-                self.captions.append(caption)
-                self.images.append(image)
-                self.lines.append(n)
+        for n, line in read_lines(self.path, "t2i_jsonl file"):
+            if not line.strip():
+                continue
+            where = f"{self.path}:{n}"
+            record = parse_data_json(line, self.path, n)
+            if not isinstance(record, dict):
+                raise DatasetError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            caption = record.get("caption")
+            if not isinstance(caption, str):
+                raise DatasetError(f"{where}: 'caption' must be a string"
+                                   + ("" if "caption" in record else " (missing)"))
+            image = record.get("image")
+            if image is not None and not isinstance(image, str):
+                raise DatasetError(f"{where}: 'image' must be a path string")
+            c = record.get("codes")
+            if c is None and image is None:
+                raise DatasetError(f"{where}: the line has neither 'codes' nor 'image'")
+            codes.append(None if c is None else _codes_array(c, where, num_codes, codebook_size))
+            self.captions.append(caption)
+            self.images.append(image)
+            self.lines.append(n)
         lengths = {len(c) for c in codes if c is not None}  # ragged lengths are allowed: the collator checks
         if codes and all(c is not None for c in codes) and len(lengths) == 1:
             self._codes: np.ndarray | list = np.stack(codes)
@@ -149,7 +148,7 @@ class ImageCaptionFolder(Dataset):
     def __init__(self, folder: str, recursive: bool = False) -> None:
         self.folder = require_dir(folder, "image_caption_folder: folder")
         index = self.folder / CAPTIONS_JSONL
-        if index.is_file():
+        if index.exists():  # not is_file(): a captions.jsonl that cannot be read is an error, not ignored
             self.items = self._from_jsonl(index)
         else:
             self.items = self._from_txt(recursive)
@@ -159,22 +158,18 @@ class ImageCaptionFolder(Dataset):
 
     def _from_jsonl(self, index: Path) -> list[tuple[Path, str]]:
         items = []
-        with open(index, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{index}:{n}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DatasetError(f"{where}: invalid JSON: {exc.msg} (column {exc.colno})") from None
-                if not isinstance(record, dict):
-                    raise DatasetError(f"{where}: expected a JSON object")
-                name = record.get("image", record.get("file_name"))
-                caption = record.get("caption", record.get("text"))
-                if not isinstance(name, str) or not isinstance(caption, str):
-                    raise DatasetError(f"{where}: needs string 'image' (or 'file_name') and 'caption' (or 'text')")
-                items.append((require_file(self.folder / name, f"{where}: image"), caption.strip()))
+        for n, line in read_lines(index, "captions file"):
+            if not line.strip():
+                continue
+            where = f"{index}:{n}"
+            record = parse_data_json(line, index, n)
+            if not isinstance(record, dict):
+                raise DatasetError(f"{where}: expected a JSON object")
+            name = record.get("image", record.get("file_name"))
+            caption = record.get("caption", record.get("text"))
+            if not isinstance(name, str) or not isinstance(caption, str):
+                raise DatasetError(f"{where}: needs string 'image' (or 'file_name') and 'caption' (or 'text')")
+            items.append((require_file(self.folder / name, f"{where}: image"), caption.strip()))
         return items
 
     def _from_txt(self, recursive: bool) -> list[tuple[Path, str]]:
@@ -184,9 +179,9 @@ class ImageCaptionFolder(Dataset):
         items = []
         for p in images:
             txt = p.with_suffix(".txt")
-            if not txt.is_file():
+            if not txt.exists():
                 raise DatasetError(f"image_caption_folder: image {str(p)!r} has no caption file {txt.name!r}")
-            items.append((p, txt.read_text(encoding="utf-8").strip()))
+            items.append((p, read_data_text(txt, "caption file", MAX_CAPTION_BYTES).strip()))
         return items
 
     def __len__(self) -> int:
