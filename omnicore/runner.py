@@ -63,8 +63,12 @@ def launch_distributed(argv: list[str], nproc: int) -> int:
 
 def _init_source(path: str) -> Path | None:
     """What ``init_from`` names: a checkpoint directory (or a run's checkpoints/ folder: its latest), a model
-    directory or a weights file; None when it is none of these."""
+    directory, a weights file or a Mamba-2 LM directory (state-spaces/mamba2-*); None when it is none of these."""
+    from .convert.mamba2_lm import is_mamba2_lm_dir
+
     p = Path(path)
+    if is_mamba2_lm_dir(p):  # before the model-directory test: such a directory may hold a model.safetensors
+        return p
     if (p / "latest").is_file():
         p = latest_checkpoint(p) or p
     if (p / "trainer.pt").is_file() or (p / "model.safetensors").is_file() or p.is_file():
@@ -73,8 +77,14 @@ def _init_source(path: str) -> Path | None:
 
 
 def _load_init_weights(model, path: str, label: str) -> None:
-    """Start a stage from a checkpoint directory, a model directory or a weights file."""
+    """Start a stage from a checkpoint directory, a model directory, a weights file or a Mamba-2 LM directory
+    (its backbone and text embedding; omnicore.convert.mamba2_lm)."""
+    from .convert.mamba2_lm import is_mamba2_lm_dir, load_mamba2_lm
+
     p = _init_source(path) or Path(path)
+    if is_mamba2_lm_dir(p):
+        load_mamba2_lm(model, p, label)
+        return
     if (p / "trainer.pt").is_file():
         state, _ = load_checkpoint(p)
     elif (p / "model.safetensors").is_file():

@@ -146,20 +146,19 @@ def test_local_weights_change_outputs_to_match(tmp_path, suffix):
     assert loaded.load_report.complete and loaded.load_report.path == str(path)
 
 
-def test_partial_weights_report_missing_and_unexpected(tmp_path, caplog):
+def test_partial_weights_are_an_error_naming_the_tensor(tmp_path):
+    """A vision file with a tensor missing or one the model lacks is refused (never random weights kept silently)."""
     from safetensors.torch import save_file
 
     state = {k: v.contiguous() for k, v in tiny_vit(seed=1).model.state_dict().items()}
-    del state["blocks.2.mlp.fc2.weight"], state["norm.bias"]
-    state["extra.weight"] = torch.zeros(3)
-    path = tmp_path / "partial.safetensors"
-    save_file(state, str(path))
-    with pytest.warns(UserWarning, match="2 missing"):
-        enc = tiny_vit(weights=str(path))
-    report = enc.load_report
-    assert sorted(report.missing) == ["blocks.2.mlp.fc2.weight", "norm.bias"]
-    assert report.unexpected == ["extra.weight"] and not report.complete
-    assert "partial.safetensors" in caplog.text and "extra.weight" in report.summary()
+    missing = dict(state)
+    del missing["blocks.2.mlp.fc2.weight"]
+    save_file(missing, str(tmp_path / "missing.safetensors"))
+    with pytest.raises(CheckpointError, match="missing.safetensors.*missing tensor 'blocks.2.mlp.fc2.weight'"):
+        tiny_vit(weights=str(tmp_path / "missing.safetensors"))
+    save_file({**state, "extra.weight": torch.zeros(3)}, str(tmp_path / "extra.safetensors"))
+    with pytest.raises(CheckpointError, match="extra.safetensors.*extra.weight"):
+        tiny_vit(weights=str(tmp_path / "extra.safetensors"))
 
 
 def test_weights_errors_name_the_path(tmp_path):

@@ -97,7 +97,8 @@ def save_state_dict(state: dict[str, torch.Tensor], path: Path) -> dict[str, str
 
 
 def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
-    """Read a weights file: safetensors, or a torch file read with weights_only=True."""
+    """Read a weights file: safetensors, or a torch file read with weights_only=True (memory-mapped, so a
+    multi-GB file is not copied into memory before its tensors are cast into the model)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: weights file not found")
@@ -107,10 +108,10 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"{path}: unreadable safetensors file: {exc}") from None
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle errors, refused globals, truncation
-        raise CheckpointError(f"{path}: cannot read as a weights-only torch file: "
-                              f"{str(exc).splitlines()[0]}") from None
+        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # pickle errors, refused globals, truncation, a pre-zip (legacy) torch file
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: cannot read as a weights-only torch file: {reason}") from None
     for key in ("model", "state_dict", "module"):  # common wrappers (LlamaGen keeps weights under 'model')
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -120,8 +121,13 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_component_weights(obj: torch.nn.Module, spec: dict, label: str) -> None:
-    """Load a role's local weights file, optionally a prefix or a key map of it (e.g. from a full LM checkpoint)."""
-    import warnings
+    """Load a role's local weights file, optionally a prefix or a key map of it (e.g. from a full LM checkpoint).
+
+    Strict: the (prefixed / mapped) file must hold exactly the module's tensors with its shapes, else a one-line
+    CheckpointError names the file and the first tensor at fault. A module may list tensors it keeps for itself
+    in ``ignored_weights`` (the VQ tokenizer's usage record): taken from neither side. Backbones that know a public
+    layout (``load_mamba_state_dict``) map names themselves, strictly too."""
+    from ..convert.strict import check_tensors, shapes
 
     path = spec["weights"]
     state = load_state_dict_file(Path(path))
@@ -137,17 +143,13 @@ def load_component_weights(obj: torch.nn.Module, spec: dict, label: str) -> None
         raise CheckpointError(f"{path}: {label}: no weights left to load (check weights_prefix)")
     loader = getattr(obj, "load_mamba_state_dict", None)  # backbones that know their public layout
     if loader is not None:
-        loader(state, strict=False)
+        loader(state, strict=True, source=f"{path}: {label}")
         return
-    own = obj.state_dict()
-    bad = next((k for k, v in state.items() if k in own and own[k].shape != v.shape), None)
-    if bad is not None:
-        raise CheckpointError(f"{path}: {label}: shape mismatch for {bad!r}: file {tuple(state[bad].shape)} vs "
-                              f"model {tuple(own[bad].shape)}")
-    missing, unexpected = obj.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        warnings.warn(f"{path}: {label}: {len(missing)} missing keys {missing[:3]}, {len(unexpected)} unexpected "
-                      f"keys {unexpected[:3]}", stacklevel=2)
+    ignored = set(getattr(obj, "ignored_weights", ()))
+    state = {k: v for k, v in state.items() if k not in ignored}
+    own = {k: v for k, v in obj.state_dict().items() if k not in ignored}
+    check_tensors(state, shapes(own), f"{path}: {label}")
+    obj.load_state_dict(state, strict=False)  # strict=False only for the ignored names, checked above
 
 
 def save_checkpoint(root: Path, name: str, model_state: dict[str, torch.Tensor], trainer_state: dict[str, Any]) -> Path:

@@ -1,15 +1,16 @@
-"""Loading a local weights file into a timm model, with a report of what did not match.
+"""Loading a local weights file into a timm model, strictly.
 
 Nothing is downloaded: ``weights`` is a path to a ``.safetensors`` file, or a torch file (``.pth``, ``.bin``, ``.pt``)
-read with ``torch.load(weights_only=True)``. timm's own ViT checkpoint filter runs first, so original DINOv2 /
-OpenCLIP layouts are converted and position embeddings are resampled to the model's grid (DINOv2 ships 518 px
-weights; OmniMamba runs it at 384 px).
+read with ``torch.load(weights_only=True, mmap=True)``. timm's own ViT checkpoint filter runs first, so timm-named
+DINOv2 files (and Meta's original layout) and OpenCLIP files (SigLIP: ``visual.trunk.*``, the text tower dropped)
+are converted and position embeddings are resampled to the model's grid (DINOv2 ships 518 px weights; OmniMamba
+runs it at 384 px). After that the file must hold exactly the model's tensors with its shapes: a missing,
+unexpected or misshapen tensor is a one-line CheckpointError naming the file and the tensor.
 """
 
 from __future__ import annotations
 
 import logging
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +26,8 @@ TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 
 @dataclass
 class LoadReport:
-    """What loading ``path`` into a model did: keys the model wanted but the file lacked, and the reverse."""
+    """What loading ``path`` into a model did. Loading is strict, so ``missing`` and ``unexpected`` stay empty
+    (kept for callers that print the report)."""
 
     path: str
     loaded: list[str] = field(default_factory=list)
@@ -59,7 +61,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
             state = load_file(str(path), device="cpu")
         else:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
+            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
     except CheckpointError:
         raise
     except Exception as exc:  # corrupt file, pickled objects refused by weights_only, wrong format...
@@ -78,12 +80,23 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_timm_weights(model: nn.Module, path: str | Path, label: str = "encoder") -> LoadReport:
-    """Load ``path`` into the timm ``model`` (non-strict); log and warn about missing/unexpected keys.
+def _drop_unused_classifier(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """A model built without a classifier (``num_classes=0``, a feature extractor) ignores a file's classifier,
+    as timm's own pretrained loading does when the class counts differ."""
+    if getattr(model, "num_classes", None) != 0:
+        return state
+    heads = getattr(model, "pretrained_cfg", {}).get("classifier") or "head"
+    heads = (heads,) if isinstance(heads, str) else tuple(heads)
+    return {k: v for k, v in state.items() if not any(k in (f"{h}.weight", f"{h}.bias") for h in heads)}
 
-    Shape mismatches that timm's filter cannot fix raise CheckpointError naming the path and the key.
-    """
+
+def load_timm_weights(model: nn.Module, path: str | Path, label: str = "encoder") -> LoadReport:
+    """Load ``path`` into the timm ``model``, strictly (after timm's checkpoint filter); CheckpointError naming
+    the path and the first missing, unexpected or misshapen tensor otherwise."""
+    from omnicore.convert.strict import check_tensors, shapes
+
     state = read_state_dict(path)
+    names = set(state)
     try:
         from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
@@ -93,17 +106,10 @@ def load_timm_weights(model: nn.Module, path: str | Path, label: str = "encoder"
         raise
     except Exception as exc:
         raise CheckpointError(f"{path}: {label}: cannot adapt the checkpoint to the model: {exc}") from None
-    own = model.state_dict()
-    for key, value in state.items():
-        if key in own and own[key].shape != value.shape:
-            raise CheckpointError(f"{path}: {label}: shape mismatch for {key!r}: file {tuple(value.shape)} vs "
-                                  f"model {tuple(own[key].shape)}")
-    result = model.load_state_dict(state, strict=False)
-    report = LoadReport(str(path), loaded=[k for k in state if k in own], missing=list(result.missing_keys),
-                        unexpected=list(result.unexpected_keys))
-    if report.complete:
-        log.info("%s: %s", label, report.summary())
-    else:
-        log.warning("%s: %s", label, report.summary())
-        warnings.warn(f"{label}: {report.summary()}", stacklevel=3)
+    state = _drop_unused_classifier(state, model)
+    converted = " (names after timm's checkpoint filter)" if set(state) - names else ""
+    check_tensors(state, shapes(model.state_dict()), f"{path}: {label}{converted}")
+    model.load_state_dict(state, strict=True)
+    report = LoadReport(str(path), loaded=list(state))
+    log.info("%s: %s", label, report.summary())
     return report

@@ -38,11 +38,13 @@ def build_byte(pad_to_multiple_of: int = 8, words: list[str] = []):
     return ByteTokenizer(pad_to_multiple_of, words)
 
 
-def build_hf_tokenizer(path: str, pad_to_multiple_of: int = 16, eos_token: str = "<|endoftext|>"):
-    """A local tokenizer.json (tokenizers library), e.g. GPT-NeoX-20B, with OmniMamba's special tokens."""
+def build_hf_tokenizer(path: str, pad_to_multiple_of: int = 16, eos_token: str = "<|endoftext|>",
+                       added_tokens: Literal["omnicore", "omnimamba"] = "omnicore"):
+    """A local tokenizer.json (tokenizers library), e.g. GPT-NeoX-20B, with OmniMamba's special tokens.
+    ``added_tokens: omnimamba`` adds them in the released OmniMamba's order and ids ([PAD] first)."""
     from .text import HFTokenizer
 
-    return HFTokenizer(path, pad_to_multiple_of, eos_token)
+    return HFTokenizer(path, pad_to_multiple_of, eos_token, added_tokens=added_tokens)
 
 
 @hookimpl

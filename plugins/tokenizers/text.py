@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
 from omnicore.errors import OmnicoreError
 from omnicore.interfaces import SPECIAL_TOKENS
@@ -74,10 +74,22 @@ class ByteTokenizer:
         return self.vocab_size
 
 
-class HFTokenizer:
-    """A `tokenizers` tokenizer.json plus the special tokens; pad/eos are <|endoftext|> when it has one."""
+# How the special tokens are appended to a tokenizer.json's vocabulary:
+# - "omnicore": the nine specials; pad is eos when the file has one (models saved so far use this order).
+# - "omnimamba": the released OmniMamba's order, so its checkpoint's rows line up: "[PAD]" first (the pad id,
+#   e.g. T2I's caption left-padding), then the nine specials. On GPT-NeoX-20B: [PAD] 50277, <|soi|> 50278 ...
+#   <|lvg|> 50286, 50288 rows.
+AddedTokens = Literal["omnicore", "omnimamba"]
+OMNIMAMBA_PAD = "[PAD]"
 
-    def __init__(self, path: str, pad_to_multiple_of: int = 16, eos_token: str = "<|endoftext|>") -> None:
+
+class HFTokenizer:
+    """A `tokenizers` tokenizer.json plus the special tokens, appended in the ``added_tokens`` order.
+
+    ``base_vocab_size``: the file's own ids (GPT-NeoX-20B: 50277), before the specials."""
+
+    def __init__(self, path: str, pad_to_multiple_of: int = 16, eos_token: str = "<|endoftext|>",
+                 added_tokens: AddedTokens = "omnicore") -> None:
         from tokenizers import AddedToken, Tokenizer
 
         p = Path(path).expanduser()
@@ -87,15 +99,26 @@ class HFTokenizer:
             self._tok = Tokenizer.from_file(str(p))
         except Exception as exc:
             raise OmnicoreError(f"{p}: not a readable tokenizer.json: {str(exc).splitlines()[0]}") from None
-        specials = list(SPECIAL_TOKENS)
-        if self._tok.token_to_id(eos_token) is None:
-            specials += [eos_token]
-        if self._tok.token_to_id("<|pad|>") is None and self._tok.token_to_id(eos_token) is None:
-            specials += ["<|pad|>"]
+        self.base_vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        has_eos = self._tok.token_to_id(eos_token) is not None
+        if added_tokens == "omnimamba":
+            if not has_eos:
+                raise OmnicoreError(f"{p}: no {eos_token!r} in the vocabulary; OmniMamba's order "
+                                    "(added_tokens: omnimamba) adds no eos token")
+            specials = [OMNIMAMBA_PAD, *SPECIAL_TOKENS]
+        elif added_tokens == "omnicore":
+            specials = list(SPECIAL_TOKENS)
+            if not has_eos:
+                specials += [eos_token]
+            if self._tok.token_to_id("<|pad|>") is None and not has_eos:
+                specials += ["<|pad|>"]
+        else:
+            raise OmnicoreError(f"text tokenizer: added_tokens {added_tokens!r}; use omnicore or omnimamba")
+        self.added_tokens = added_tokens
         self._tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
         self.special_ids = {t: self._tok.token_to_id(t) for t in SPECIAL_TOKENS}
         self.eos_id = self._tok.token_to_id(eos_token)
-        pad = self._tok.token_to_id("<|pad|>")
+        pad = self._tok.token_to_id(OMNIMAMBA_PAD if added_tokens == "omnimamba" else "<|pad|>")
         self.pad_id = pad if pad is not None else self.eos_id
         self.vocab_size = _pad_to(self._tok.get_vocab_size(with_added_tokens=True), pad_to_multiple_of)
 

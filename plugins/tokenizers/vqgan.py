@@ -2,7 +2,8 @@
 
 Conv encoder (ResNet blocks, attention at the lowest resolution, channel multipliers) -> ``quant_conv`` ->
 an L2-normalised codebook lookup (``quantize.embedding``, 16384 x 8) -> ``post_quant_conv`` -> mirror decoder.
-256 px images become 16x16 codes. The released ``vq_ds16_t2i.pt`` keeps its weights under ``model``.
+256 px images become 16x16 codes. The released ``vq_ds16_t2i.pt`` keeps its weights under ``model``; they load
+strictly through the ``weights`` param or the component's ``weights`` (every tensor but the usage record).
 """
 
 from __future__ import annotations
@@ -242,6 +243,11 @@ PRESETS: dict[str, VQConfig] = {
 
 
 class VQGAN(nn.Module):
+    # Not read from weight files (load_component_weights): LlamaGen's ``codebook_used`` is a ring of recently
+    # used code indices, ours a usage count that training's codebook revival reads (VectorQuantizer._revive);
+    # loading theirs would mark random codes as used. Present or absent in a file, it is never an error.
+    ignored_weights: tuple[str, ...] = ("quantize.codebook_used",)
+
     def __init__(self, config: VQConfig) -> None:
         super().__init__()
         self.config = config

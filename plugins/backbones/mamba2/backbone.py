@@ -15,6 +15,9 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
+from omnicore.convert.strict import check_tensors
+from omnicore.errors import CheckpointError
+
 from . import compiled_step, fused_step, lora
 from .attention import MHA, AttnContext
 from .block import Block, GatedMLP, make_norm
@@ -25,6 +28,10 @@ _SKIPPED = ("embedding.weight", "lm_head.weight")
 # CUDA prefills through the task's merged LoRA weight (False: peft's adapters; bench_generation.py --ablate
 # prefill-lora)
 MERGE_LORA_PREFILL = True
+
+
+class MambaStateDictError(CheckpointError, ValueError):
+    """A mamba_ssm state dict that does not fit the backbone (a ValueError too, as it was first raised)."""
 
 
 class LoadResult(NamedTuple):
@@ -136,32 +143,38 @@ class Mamba2Backbone(nn.Module):
         return out
 
     # ---- mamba_ssm checkpoints ---------------------------------------------------------------------
-    def load_mamba_state_dict(self, sd: dict[str, torch.Tensor], strict: bool = True) -> LoadResult:
+    def load_mamba_state_dict(self, sd: dict[str, torch.Tensor], strict: bool = True,
+                              source: str = "mamba state dict") -> LoadResult:
         """Load mamba_ssm names (``layers.0.mixer.in_proj.weight``, ...) or a full LM checkpoint's ``backbone.*``
-        keys (embedding and lm_head skipped). Works with adapters attached (peft's ``base_layer`` names)."""
+        keys (embedding and lm_head skipped). Works with adapters attached (peft's ``base_layer`` names; the
+        adapters keep their values). A misshapen tensor, and with ``strict`` a missing or unexpected one, is a
+        one-line ``MambaStateDictError`` starting with ``source`` and naming the tensor as the file names it."""
         own = self.state_dict()
-        mapped, unexpected = {}, []
-        for key, value in sd.items():
-            if key.startswith("backbone."):
-                key = key[len("backbone."):]
-            elif key in _SKIPPED or key.split(".")[0] in ("lm_head",):
-                continue
-            if key in _SKIPPED:
+        prefix = "backbone." if any(k.startswith("backbone.") for k in sd) else ""
+        mapped: dict[str, torch.Tensor] = {}
+        file_names: dict[str, str] = {}  # model key -> the file's name for it
+        unexpected: list[str] = []
+        for name, value in sd.items():
+            key = name[len("backbone."):] if name.startswith("backbone.") else name
+            if key in _SKIPPED or key.startswith("lm_head."):  # the LM's token tables, not the backbone's
                 continue
             target = key
             if target not in own:
                 head, _, leaf = key.rpartition(".")
                 target = f"{head}.base_layer.{leaf}"
             if target not in own:
-                unexpected.append(key)
+                unexpected.append(name)
                 continue
-            if own[target].shape != value.shape:
-                raise ValueError(f"{key}: checkpoint shape {tuple(value.shape)} != model {tuple(own[target].shape)}")
-            mapped[target] = value
-        missing = [k for k in own if k not in mapped and ".lora_" not in k]
-        if strict and (missing or unexpected):
-            raise ValueError(f"mamba state dict does not match: missing {missing[:8]}{'...' if len(missing) > 8 else ''}"
-                             f", unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
+            mapped[target], file_names[target] = value, prefix + key
+        # what the file should hold, in its own names: every base tensor (adapters keep their init)
+        expected = {prefix + k.replace(".base_layer.", "."): tuple(v.shape)
+                    for k, v in own.items() if ".lora_" not in k}
+        named = {file_names[k]: v for k, v in mapped.items()}
+        missing = [k for k in expected if k not in named]
+        if strict:
+            check_tensors({**named, **{u: sd[u] for u in unexpected}}, expected, source, MambaStateDictError)
+        else:
+            check_tensors(named, {k: expected[k] for k in named if k in expected}, source, MambaStateDictError)
         self.load_state_dict(mapped, strict=False)
         return LoadResult(missing, unexpected)
 
