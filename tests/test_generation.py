@@ -60,6 +60,19 @@ def test_image_generation_samples_exactly_the_grid(model):
     assert len(images) == 2 and images[0].size == (32, 32)
 
 
+def test_a_seeded_call_draws_new_noise_for_each_batch(model):
+    """One prompt's samples spread over several decode batches are different samples, and the call as a whole is
+    reproducible from its seed (a generator restarted at each batch repeated batch 1's samples in batch 2)."""
+    kwargs = dict(n_per_prompt=4, batch_size=2, seed=3, temperature=1.0)
+    images = model.generate_images(["a red circle on the left"], **kwargs)
+    pixels = [im.tobytes() for im in images]
+    assert pixels[0] != pixels[2] and pixels[1] != pixels[3]
+    assert [im.tobytes() for im in model.generate_images(["a red circle on the left"], **kwargs)] == pixels
+    answers = model.answer([None] * 4, ["hi"] * 4, batch_size=2, seed=3, temperature=1.0, max_new_tokens=8)
+    assert answers[:2] != answers[2:]
+    assert model.answer([None] * 4, ["hi"] * 4, batch_size=2, seed=3, temperature=1.0, max_new_tokens=8) == answers
+
+
 def test_guidance_scale_zero_is_unconditional(model):
     s = Sampling(temperature=1.0, top_k=16, seed=3)
     guided = generate_codes(model, ["a green triangle on the left"], 0.0, s)

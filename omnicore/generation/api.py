@@ -84,11 +84,12 @@ def answer(model, images: Sequence, questions: Sequence[str], batch_size: int = 
     s = fit_answer_length(model, [model.layout.question_ids(q) for q in questions], s)
     out: list[str] = []
     model.eval()
+    generator = s.generator(model.device)  # one noise stream for the call: later batches draw new noise
     for start in range(0, len(questions), batch_size):
         chunk_q = list(questions[start:start + batch_size])
         pixels, has = _pixels(model, list(images[start:start + batch_size]))
         ids = [model.layout.question_ids(q) for q in chunk_q]
-        for toks in generate_text(model, pixels, has, ids, s):
+        for toks in generate_text(model, pixels, has, ids, s, generator=generator):
             out.append(model.text_tokenizer.decode(toks).strip())
     return out
 
@@ -157,13 +158,15 @@ def generate_images(model, prompts: Sequence[str], n_per_prompt: int = 1, guidan
     negs = None if negative_prompts is None else [n for n in negative_prompts for _ in range(n_per_prompt)]
     model.eval()
     images = []
+    generator = s.generator(model.device)  # one noise stream for the call: later batches draw new noise
     for start in range(0, len(captions), batch_size):
         chunk = None if comps is None else comps[start:start + batch_size]
         with warnings.catch_warnings():  # said once above, not once per caption and batch
             warnings.simplefilter("ignore", CaptionTruncatedWarning)
             codes = generate_codes(model, captions[start:start + batch_size], guidance_scale, s, components=chunk,
                                    component_scale=component_scale,
-                                   negative_prompts=None if negs is None else negs[start:start + batch_size])
+                                   negative_prompts=None if negs is None else negs[start:start + batch_size],
+                                   generator=generator)
         images += codes_to_images(model, codes)
     return images
 

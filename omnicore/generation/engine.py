@@ -58,12 +58,14 @@ class _Session:
     def buffers(self) -> list[torch.Tensor]:
         return [*self.state.tensors(), *self._own_buffers()]
 
-    def start(self, s: Sampling) -> None:
-        """A new call: empty state and counters (in place, so a captured graph stays valid)."""
+    def start(self, s: Sampling, generator: torch.Generator | None = None) -> None:
+        """A new call: empty state and counters (in place, so a captured graph stays valid). The sampling noise comes
+        from ``generator`` (a caller decoding several batches passes one on, so they draw different noise), else from
+        a new one seeded with ``s.seed``."""
         for b in self._own_buffers():
             b.zero_()
         self.state.reset()  # also marks the caches empty: the prefill skips reading them
-        self.generator = s.generator(self.logits.device)
+        self.generator = generator if generator is not None else s.generator(self.logits.device)
 
     def refill_noise(self) -> None:
         if self.noise is not None:
@@ -167,7 +169,8 @@ def _compose(logits: torch.Tensor, B: int, K: int, scale: float, component_scale
 @torch.inference_mode()
 def generate_codes(model, captions: list[str | None], guidance_scale: float = 1.0, sampling: Sampling | None = None,
                    cuda_graph: bool | None = None, components: list[list[str | None]] | None = None,
-                   component_scale: float = 1.0, negative_prompts: list[str | None] | None = None) -> torch.Tensor:
+                   component_scale: float = 1.0, negative_prompts: list[str | None] | None = None,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
     """Captions -> image codes ``(B, h*w)``. ``None`` captions are unconditional.
 
     ``components``: per caption, K further prompts (the same K for all; ``None`` is the unconditional prompt, so it
@@ -200,7 +203,7 @@ def generate_codes(model, captions: list[str | None], guidance_scale: float = 1.
         ses.prompt = torch.zeros_like(prefix)
         condition = model.t2i_condition(prefix)  # allocated before any capture, refilled by the prefill
         ses.condition = None if condition is None else torch.zeros_like(condition)
-    ses.start(s)
+    ses.start(s, generator)
     ses.prompt.copy_(prefix)
 
     def prefill() -> None:
@@ -258,7 +261,8 @@ def generate_codes(model, captions: list[str | None], guidance_scale: float = 1.
 
 @torch.inference_mode()
 def stream_text(model, pixels: torch.Tensor | None, has_image: torch.Tensor | None, questions: list[list[int]],
-                sampling: Sampling | None = None, cuda_graph: bool | None = None) -> Iterator[torch.Tensor]:
+                sampling: Sampling | None = None, cuda_graph: bool | None = None,
+                generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
     """Yield ``(B,)`` new token ids per step (pad for finished rows) until every row has stopped."""
     s = sampling or Sampling(greedy=True)
     dev = model.device
@@ -276,7 +280,7 @@ def stream_text(model, pixels: torch.Tensor | None, has_image: torch.Tensor | No
     x = model.add_positions(x, "mmu_positions", positions)
     graph = graphs_enabled(cuda_graph, dev)
     ses = _session(model, "mmu", B, B, _vocab(model, "text"), _round_up(L + s.max_new_tokens), s, graph)
-    ses.start(s)
+    ses.start(s, generator)
     h = model.backbone(x, task="mmu", state=ses.state, mask=mask)
     ses.logits.copy_(model.heads["text"].logits(h[:, -1]))
     ses.offsets.copy_(lengths)
@@ -314,12 +318,13 @@ def stream_text(model, pixels: torch.Tensor | None, has_image: torch.Tensor | No
 
 
 def generate_text(model, pixels, has_image, questions: list[list[int]], sampling: Sampling | None = None,
-                  cuda_graph: bool | None = None, on_token: Callable[[torch.Tensor], None] | None = None) -> list[list[int]]:
+                  cuda_graph: bool | None = None, on_token: Callable[[torch.Tensor], None] | None = None,
+                  generator: torch.Generator | None = None) -> list[list[int]]:
     """Token ids of each answer, without the stop token."""
     stops = {model.layout.sid("<|eot|>"), model.text_tokenizer.eos_id}
     outs: list[list[int]] = [[] for _ in questions]
     done = [False] * len(questions)
-    for token in stream_text(model, pixels, has_image, questions, sampling, cuda_graph):
+    for token in stream_text(model, pixels, has_image, questions, sampling, cuda_graph, generator):
         if on_token is not None:
             on_token(token)
         for i, tok in enumerate(token.tolist()):

@@ -63,9 +63,9 @@ def read_inputs(spec: InferenceSpec, base: Path) -> list:
 
 
 def _batches(rows: int, batch_size: int, sampling: dict) -> Iterator[tuple[slice, dict]]:
-    """The rows of each decode call and its sampling options. A seeded generator restarts at every call, so each
-    batch gets a seed of its own (seed + batch number): with one seed for all, a prompt's samples in a later batch
-    would repeat those of an earlier one."""
+    """The rows of each decode call and its sampling options. A seeded call starts its noise from the seed, so each
+    batch (a call of its own, for the progress bar) gets a seed of its own (seed + batch number): with one seed for
+    all, a prompt's samples in a later batch would repeat those of an earlier one."""
     for b, start in enumerate(range(0, rows, batch_size)):
         seed = sampling.get("seed")
         yield slice(start, start + batch_size), {**sampling, "seed": None if seed is None else seed + b}
