@@ -105,7 +105,10 @@ def mamba_lm(tiny: bool, device: str):
     from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
 
     cfg = MambaConfig(d_model=2048 if not tiny else 64, n_layer=48 if not tiny else 2, vocab_size=50277,
-                      ssm_cfg={"layer": "Mamba2"}, rms_norm=True, residual_in_fp32=True, fused_add_norm=True,
+                      # the memory-efficient fused path needs the causal-conv1d CUDA build; without it, mamba_ssm's
+                      # Mamba2 runs its conv in PyTorch and the chunked scan in Triton
+                      ssm_cfg={"layer": "Mamba2", "use_mem_eff_path": False}, rms_norm=True, residual_in_fp32=True,
+                      fused_add_norm=True,
                       pad_vocab_size_multiple=16)
     return MambaLMHeadModel(cfg, device=device)
 

@@ -28,6 +28,11 @@ app = typer.Typer(help="omnicore: build, train and run unified multimodal state-
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 recipe_app = typer.Typer(help="List, copy, validate and run recipe files.", no_args_is_help=True)
 app.add_typer(recipe_app, name="recipe")
+convert_app = typer.Typer(help="Convert released checkpoints into omnicore model directories.", no_args_is_help=True)
+app.add_typer(convert_app, name="convert")
+export_app = typer.Typer(help="Write an omnicore model directory in a released checkpoint's layout.",
+                         no_args_is_help=True)
+app.add_typer(export_app, name="export")
 
 _STATE = {"debug": False}
 
@@ -188,7 +193,9 @@ def generate_cmd(prompts: list[str] = typer.Argument(..., help="Captions to draw
                  negative_prompt: Optional[str] = typer.Option(
                      None, "--negative-prompt", help="Guidance pushes away from this prompt instead of the "
                      "unconditional one (all prompts; needs --guidance-scale other than 1)."),
-                 temperature: float = typer.Option(1.0, "--temperature"),
+                 temperature: Optional[float] = typer.Option(
+                     None, "--temperature", help="0: greedy. Default: the model's own (greedy for a converted "
+                     "OmniMamba, as its release draws; else 1)."),
                  top_k: Optional[int] = typer.Option(None, "--top-k"),
                  top_p: Optional[float] = typer.Option(None, "--top-p"),
                  seed: Optional[int] = typer.Option(None, "--seed"),
@@ -216,14 +223,15 @@ def generate_cmd(prompts: list[str] = typer.Argument(..., help="Captions to draw
     if note:  # once for the whole call, not once per batch
         err_console.print(f"warning: {note}", markup=False, highlight=False, soft_wrap=True)
     out.mkdir(parents=True, exist_ok=True)
+    # only the options given: with none, the model's own T2I defaults apply (generation.api.t2i_sampling_options)
+    decoding = {k: v for k, v in {"temperature": temperature, "top_k": top_k, "top_p": top_p}.items() if v is not None}
     images = []
     with Progress(console=console) as progress:
         bar = progress.add_task("generating", total=len(prompts) * n)
         for start in range(0, len(prompts), batch_size):
             images += generate_images(pipe, prompts[start:start + batch_size], n_per_prompt=n,
                                       guidance_scale=guidance_scale, negative_prompts=negative_prompt,
-                                      temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                                      batch_size=batch_size, warn_truncated=False)
+                                      seed=seed, batch_size=batch_size, warn_truncated=False, **decoding)
             progress.update(bar, completed=len(images))
     for i, im in enumerate(images):
         im.save(out / f"{i // n:04d}-{i % n}.png")
@@ -251,6 +259,44 @@ def ask_cmd(image: Optional[str] = typer.Argument(..., help="Image file ('-' for
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+
+
+@convert_app.command("omnimamba")
+def convert_omnimamba(checkpoint: Path = typer.Option(..., "--checkpoint", help="OmniMamba-1.3b.pth (the release)."),
+                      tokenizer: Path = typer.Option(..., "--tokenizer",
+                                                     help="GPT-NeoX-20B's tokenizer.json or its directory."),
+                      vq: Path = typer.Option(..., "--vq", help="LlamaGen's vq_ds16_t2i.pt."),
+                      dino: Path = typer.Option(..., "--dino", help="DINOv2 ViT-L/14-reg4 weights (timm names)."),
+                      siglip: Path = typer.Option(..., "--siglip",
+                                                  help="SigLIP SO400M/14-384 weights (timm or open_clip)."),
+                      out: Path = typer.Option(..., "--out", help="The model directory to write."),
+                      template: str = typer.Option("omnimamba-chat", "--template",
+                                                   help="MMU prompt: omnimamba-chat (the released inference's), "
+                                                        "omnimamba-train, omnicore, or a text with {question}."),
+                      vision_size: str = typer.Option("full", "--vision-size", help="full, or tiny (test towers)."),
+                      max_caption_tokens: int = typer.Option(68, "--max-caption-tokens")) -> None:
+    """Convert the released OmniMamba checkpoint (+ tokenizer, VQ and vision files) into a model directory."""
+    from omnicore.convert.omnimamba import convert
+
+    if vision_size not in ("full", "tiny"):
+        raise OmnicoreError(f"--vision-size {vision_size}: use full or tiny")
+    _at_least("--max-caption-tokens", max_caption_tokens, 1)
+    _output_dir("--out", out)
+    convert(checkpoint, tokenizer, vq, dino, siglip, out, mmu_template=template, vision_size=vision_size,
+            max_caption_tokens=max_caption_tokens)
+    console.print(f"wrote {out}")
+
+
+@export_app.command("omnimamba")
+def export_omnimamba(model: Path = typer.Argument(..., help="A model directory (omnicore.load)."),
+                     out: Path = typer.Option(..., "--out", help="The .pth file to write.")) -> None:
+    """Write a model directory in the released OmniMamba checkpoint's layout (fp16, its names)."""
+    from omnicore.convert.omnimamba import export
+
+    if out.exists() and out.is_dir():
+        raise OmnicoreError(f"--out {out}: is a directory")
+    export(model, out)
+    console.print(f"wrote {out}")
 
 
 @app.command("pretokenize")

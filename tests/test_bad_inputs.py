@@ -645,3 +645,28 @@ def test_ask_says_when_the_answer_is_cut_to_the_positions_left(env, capfd):
     assert rc == 0, err
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("warning: max_new_tokens 100:") and "59 answer tokens" in lines[0]
+
+
+# ---------------------------------------------------------------- released-checkpoint conversion
+
+CHECKPOINT_SAYS = {"binary": "weights-only", "utf16": "weights-only", "latin1": "weights-only", "huge": "weights-only",
+                   "directory": "directory", "fifo": "named pipe", "dangling_link": "not found"}
+
+
+@pytest.mark.parametrize("kind", list(CHECKPOINT_SAYS))
+def test_bad_checkpoint_to_convert(env, capfd, kind):
+    """`omni convert omnimamba` reads the release first: a file that is not one is refused, no output written."""
+    bad = _data_file(env, kind, ".pth")
+    out = env.corpus / f"converted_{kind}"
+    assert_refused(capfd, ["convert", "omnimamba", "--checkpoint", str(bad), "--tokenizer", str(bad), "--vq", str(bad),
+                           "--dino", str(bad), "--siglip", str(bad), "--out", str(out)], bad.name,
+                   [env.model, env.run], CHECKPOINT_SAYS[kind])
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("kind", ["binary", "directory", "fifo", "dangling_link"])
+def test_bad_model_dir_to_export(env, capfd, kind):
+    bad = _data_file(env, kind, ".model")
+    out = env.corpus / f"exported_{kind}.pth"
+    assert_refused(capfd, ["export", "omnimamba", str(bad), "--out", str(out)], bad.name, [env.model, env.run])
+    assert not out.exists()

@@ -100,7 +100,7 @@ def stream_answer(model, image, question: str, **sampling) -> Iterator[str]:
     question_ids = model.layout.question_ids(question)
     s = fit_answer_length(model, [question_ids], s)
     pixels, has = _pixels(model, [image])
-    stops = {model.layout.sid("<|eot|>"), model.text_tokenizer.eos_id}
+    stops = model.layout.mmu_stop_ids
     ids: list[int] = []
     shown = ""
     model.eval()
@@ -129,6 +129,20 @@ def codes_to_images(model, codes: torch.Tensor) -> list:
     return [Image.fromarray(np.ascontiguousarray(a)) for a in arr]
 
 
+# options that choose how codes are drawn; a caller giving any of them replaces the model's own defaults
+_DECODING_OPTIONS = {"greedy", "temperature", "top_k", "top_p", "min_p", "repetition_penalty"}
+
+
+def t2i_sampling_options(model, sampling: dict) -> dict:
+    """``sampling`` over the model's own T2I defaults (config.json ``"sampling": {"t2i": {...}}``; the converted
+    OmniMamba: greedy, as its release draws images), which apply only when the caller chose no decoding option."""
+    config = model.config if isinstance(getattr(model, "config", None), dict) else {}
+    defaults = (config.get("sampling") or {}).get("t2i") or {}
+    if not defaults or _DECODING_OPTIONS & {k for k, v in sampling.items() if v is not None}:
+        return dict(sampling)
+    return {**defaults, **sampling}
+
+
 def generate_images(model, prompts: Sequence[str], n_per_prompt: int = 1, guidance_scale: float = 1.0,
                     batch_size: int = 16, components: Sequence[Sequence[str]] | None = None,
                     component_scale: float = 1.0, negative_prompts: Sequence[str | None] | str | None = None,
@@ -143,7 +157,7 @@ def generate_images(model, prompts: Sequence[str], n_per_prompt: int = 1, guidan
     right" for "a blue triangle on the right" pushes along what the colour word adds.
     ``warn_truncated``: one CaptionTruncatedWarning when prompts are longer than the model reads (False: the
     caller has said so already)."""
-    s = Sampling.from_kwargs(**sampling)
+    s = Sampling.from_kwargs(**t2i_sampling_options(model, sampling))
     check_components(components, len(prompts))
     if isinstance(negative_prompts, str):
         negative_prompts = [negative_prompts] * len(prompts)

@@ -285,7 +285,7 @@ def stream_text(model, pixels: torch.Tensor | None, has_image: torch.Tensor | No
     ses.logits.copy_(model.heads["text"].logits(h[:, -1]))
     ses.offsets.copy_(lengths)
     _prepare_decode(model, ses, "mmu")
-    stops = torch.tensor(sorted({model.layout.sid("<|eot|>"), model.text_tokenizer.eos_id}), device=dev)
+    stops = torch.tensor(sorted(model.layout.mmu_stop_ids), device=dev)
     pad = model.text_tokenizer.pad_id
 
     def sample() -> None:
@@ -321,7 +321,7 @@ def generate_text(model, pixels, has_image, questions: list[list[int]], sampling
                   cuda_graph: bool | None = None, on_token: Callable[[torch.Tensor], None] | None = None,
                   generator: torch.Generator | None = None) -> list[list[int]]:
     """Token ids of each answer, without the stop token."""
-    stops = {model.layout.sid("<|eot|>"), model.text_tokenizer.eos_id}
+    stops = model.layout.mmu_stop_ids
     outs: list[list[int]] = [[] for _ in questions]
     done = [False] * len(questions)
     for token in stream_text(model, pixels, has_image, questions, sampling, cuda_graph, generator):

@@ -41,7 +41,7 @@ class UnifiedModel(nn.Module):
                  encoder: nn.Module | None = None, projector: nn.Module | None = None,
                  image_tokenizer: nn.Module | None = None, max_caption_tokens: int = 68,
                  max_text_tokens: int = 512, image_size: int = 256, caption_reads: int = 1,
-                 config: dict | None = None) -> None:
+                 mmu_template: str = "omnicore", config: dict | None = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.encoder = encoder
@@ -49,7 +49,7 @@ class UnifiedModel(nn.Module):
         self.image_tokenizer = image_tokenizer
         self.heads = nn.ModuleDict(heads)
         self.text_tokenizer = text_tokenizer
-        self.layout = Layout(text_tokenizer, max_caption_tokens, max_text_tokens, caption_reads)
+        self.layout = Layout(text_tokenizer, max_caption_tokens, max_text_tokens, caption_reads, mmu_template)
         self.image_size = image_size
         self.config = config or {}
         for required in ("text",):
@@ -221,21 +221,27 @@ class UnifiedModel(nn.Module):
     # --- persistence -----------------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> Path:
         """Write config.json, model.safetensors and adapters.safetensors atomically into ``directory``."""
-        from ..training.checkpoint import atomic_directory, save_state_dict
+        return write_model_dir(directory, self.config, self.state_dict())
 
-        directory = Path(directory)
-        with atomic_directory(directory) as tmp:
-            config = copy.deepcopy(self.config)
-            _bundle_tokenizer_files(config, tmp)
-            base, adapters = {}, {}
-            for name, tensor in self.state_dict().items():
-                (adapters if is_adapter_param(name) else base)[name] = tensor
-            tied = save_state_dict(base, tmp / WEIGHTS_FILE)
-            if adapters:
-                save_state_dict(adapters, tmp / ADAPTERS_FILE)
-            config["tied"] = tied
-            (tmp / CONFIG_FILE).write_text(json.dumps({"format": FORMAT, "version": 1, **config}, indent=2))
-        return directory
+
+def write_model_dir(directory: str | os.PathLike, config: dict, state: dict[str, torch.Tensor]) -> Path:
+    """A model directory from its config (``{"model": spec, ...}``) and full state dict, written atomically:
+    what ``UnifiedModel.save`` writes, also for converters that never build the model in memory."""
+    from ..training.checkpoint import atomic_directory, save_state_dict
+
+    directory = Path(directory)
+    with atomic_directory(directory) as tmp:
+        config = copy.deepcopy(config)
+        _bundle_tokenizer_files(config, tmp)
+        base, adapters = {}, {}
+        for name, tensor in state.items():
+            (adapters if is_adapter_param(name) else base)[name] = tensor
+        tied = save_state_dict(base, tmp / WEIGHTS_FILE)
+        if adapters:
+            save_state_dict(adapters, tmp / ADAPTERS_FILE)
+        config["tied"] = tied
+        (tmp / CONFIG_FILE).write_text(json.dumps({"format": FORMAT, "version": 1, **config}, indent=2))
+    return directory
 
 
 def _strip_weight_params(spec: dict) -> None:
@@ -317,7 +323,7 @@ def build_from_spec(model_spec: dict) -> UnifiedModel:
                         projector=projector, image_tokenizer=image_tokenizer,
                         max_caption_tokens=spec["max_caption_tokens"], max_text_tokens=spec["max_text_tokens"],
                         image_size=spec["image_size"], caption_reads=spec.get("caption_reads", 1),
-                        config={"model": config_spec})
+                        mmu_template=spec.get("mmu_template", "omnicore"), config={"model": config_spec})
 
 
 def build(recipe: Any) -> UnifiedModel:

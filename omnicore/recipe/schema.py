@@ -51,6 +51,22 @@ class ModelSpec(Strict):
     max_text_tokens: int = Field(512, gt=0)  # MMU text budget after the image (question + answer tokens)
     image_size: int = Field(256, gt=0)  # T2I resolution: the tokenizer's grid is image_size / downsample
     caption_reads: int = Field(1, ge=1, le=4)  # the T2I caption block repeated ("just read twice", layout.py)
+    # how a question becomes MMU prompt text: omnicore (the question and a newline; answers end at <|eot|> or
+    # eos), omnimamba-chat ("USER: {question} ASSISTANT:", the released inference), omnimamba-train
+    # ("In: {question}\nOut: "), a plugin's name, or any text with {question} (answers end at eos)
+    mmu_template: str = "omnicore"
+
+    @field_validator("mmu_template")
+    @classmethod
+    def _known_template(cls, value: str) -> str:
+        from ..errors import OmnicoreError
+        from ..model.layout import mmu_template
+
+        try:
+            mmu_template(value)
+        except OmnicoreError as exc:  # pydantic reports ValueErrors as field errors
+            raise ValueError(str(exc)) from None
+        return value
 
 
 class DataSpec(ComponentSpec):

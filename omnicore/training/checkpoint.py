@@ -20,6 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError
+from ..inputs import special_file_kind
 
 LATEST = "latest"
 
@@ -100,6 +101,9 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     """Read a weights file: safetensors, or a torch file read with weights_only=True (memory-mapped, so a
     multi-GB file is not copied into memory before its tensors are cast into the model)."""
     path = Path(path)
+    kind = special_file_kind(path)  # a FIFO or directory is refused before anything opens it
+    if kind is not None:
+        raise CheckpointError(f"{path}: weights file is {kind}, not a regular file")
     if not path.is_file():
         raise CheckpointError(f"{path}: weights file not found")
     if path.suffix == ".safetensors":
