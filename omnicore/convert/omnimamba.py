@@ -24,7 +24,6 @@ from typing import Literal
 import torch
 
 from ..errors import CheckpointError
-from ..inputs import special_file_kind
 from .strict import check_tensors, shapes
 
 PREFIX = "llm_backbone.mamba.backbone."
@@ -168,17 +167,10 @@ def official_shapes(d: OmniMambaDims) -> dict[str, tuple[int, ...]]:
 def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """The release's flat state dict, memory-mapped (``torch.load(weights_only=True, mmap=True)``: no pickle code
     runs and the tensors are read from the file when used)."""
+    from ..training.checkpoint import read_torch_file
+
     path = Path(path)
-    kind = special_file_kind(path)  # a FIFO or directory is refused before anything opens it
-    if kind is not None:
-        raise CheckpointError(f"{path}: checkpoint file is {kind}, not a regular file")
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint file not found")
-    try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:  # pickle errors, refused globals, truncation, a legacy (non-zip) file
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: cannot read as a weights-only torch file: {reason}") from None
+    state = read_torch_file(path, "checkpoint file")
     if not isinstance(state, dict) or not state:
         raise CheckpointError(f"{path}: not a state dict (the release is a flat dict of tensors)")
     bad = next((k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)), None)

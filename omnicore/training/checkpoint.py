@@ -97,25 +97,36 @@ def save_state_dict(state: dict[str, torch.Tensor], path: Path) -> dict[str, str
     return tied
 
 
-def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
-    """Read a weights file: safetensors, or a torch file read with weights_only=True (memory-mapped, so a
-    multi-GB file is not copied into memory before its tensors are cast into the model)."""
-    path = Path(path)
+def _existing_regular_file(path: Path, what: str) -> None:
     kind = special_file_kind(path)  # a FIFO or directory is refused before anything opens it
     if kind is not None:
-        raise CheckpointError(f"{path}: weights file is {kind}, not a regular file")
+        raise CheckpointError(f"{path}: {what} is {kind}, not a regular file")
     if not path.is_file():
-        raise CheckpointError(f"{path}: weights file not found")
+        raise CheckpointError(f"{path}: {what} not found")
+
+
+def read_torch_file(path: Path, what: str = "weights file") -> Any:
+    """A torch file's contents read with weights_only=True (no pickled code runs) and memory-mapped (a multi-GB file
+    is not copied into memory before its tensors are used); a one-line CheckpointError when it cannot be."""
+    path = Path(path)
+    _existing_regular_file(path, what)
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # pickle errors, refused globals, truncation, a pre-zip (legacy) torch file
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: cannot read as a weights-only torch file: {reason}") from None
+
+
+def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
+    """Read a weights file: safetensors, or a torch file (``read_torch_file``)."""
+    path = Path(path)
     if path.suffix == ".safetensors":
+        _existing_regular_file(path, "weights file")
         try:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"{path}: unreadable safetensors file: {exc}") from None
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:  # pickle errors, refused globals, truncation, a pre-zip (legacy) torch file
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: cannot read as a weights-only torch file: {reason}") from None
+    obj = read_torch_file(path)
     for key in ("model", "state_dict", "module"):  # common wrappers (LlamaGen keeps weights under 'model')
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
