@@ -19,8 +19,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..errors import CheckpointError
-from ..inputs import special_file_kind
+from ..errors import CheckpointError, InputFileError
+from ..inputs import regular_file
 
 LATEST = "latest"
 
@@ -98,11 +98,11 @@ def save_state_dict(state: dict[str, torch.Tensor], path: Path) -> dict[str, str
 
 
 def _existing_regular_file(path: Path, what: str) -> None:
-    kind = special_file_kind(path)  # a FIFO or directory is refused before anything opens it
-    if kind is not None:
-        raise CheckpointError(f"{path}: {what} is {kind}, not a regular file")
-    if not path.is_file():
-        raise CheckpointError(f"{path}: {what} not found")
+    """A FIFO, directory or missing path is refused before anything opens it."""
+    try:
+        regular_file(path, what)
+    except InputFileError as exc:
+        raise CheckpointError(str(exc)) from None
 
 
 def read_torch_file(path: Path, what: str = "weights file") -> Any:
