@@ -4,15 +4,21 @@ Transformer (transformers' Llama: 2048 wide, 24 layers, 16 heads, MLP 5504), eag
 Jobs: T2I (72-token caption prefix + 256 codes) at batch 1/16/64, with and without guidance; MMU
 (729 image positions + 64 text tokens, 128 new tokens); long generation 1K..16K tokens with peak memory.
 Omnicore runs as two decode variants: CUDA graph over eager kernels ("graph") and CUDA graph over the
-torch.compile'd step ("compiled"); "llama" in --jobs adds the Transformer baselines for the jobs chosen.
-Prints a table. Run: python benchmarks/bench_generation.py [--quick] [--jobs t2i,mmu,long,llama]
+torch.compile'd step ("compiled"); "llama" in --jobs adds the Transformer baselines for the jobs chosen;
+"imported" adds the same T2I and MMU jobs on a model imported by ``omni convert omnimamba`` from random files in the
+release's layout at its own size (written to a temporary folder: about 7 GB of files).
+Prints a table. Run: python benchmarks/bench_generation.py [--quick] [--jobs t2i,mmu,long,llama,imported]
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import shutil
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -55,7 +61,14 @@ def label(variant: str) -> str:
     return f"omnicore mamba2-1.3b ({'graph+compile' if VARIANTS[variant] else 'graph'})"
 
 
+def fresh_compiler() -> None:
+    """Forget every compiled step: a later model of other shapes (a 50288-row text head after a 50304-row one)
+    would otherwise be compiled with those dimensions made dynamic, slower than in a process of its own."""
+    torch._dynamo.reset()
+
+
 def omni_model(mmu_positions: int = 1500, kernel: str = "auto", compile_decode: bool = True):
+    fresh_compiler()
     spec = {
         "text_tokenizer": {"type": "byte"},
         "backbone": {"type": "mamba2", "params": {"size": "1.3b", "kernel": kernel, "compile_decode": compile_decode,
@@ -71,6 +84,31 @@ def omni_model(mmu_positions: int = 1500, kernel: str = "auto", compile_decode: 
     }
     torch.manual_seed(0)
     return build_from_spec(spec).to("cuda", torch.bfloat16).eval()
+
+
+def imported_model(work: Path, compile_decode: bool):
+    """The 1.3B model as ``omni convert omnimamba`` imports it, from random files in the release's layout."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from omnimamba_files import Dims, write_all
+
+    from omnicore.convert.omnimamba import convert
+
+    fresh_compiler()
+    directory = work / "converted"
+    if not directory.exists():
+        files = write_all(work / "release", Dims.release())
+        del files.state
+        t = time.perf_counter()
+        convert(files.checkpoint, files.tokenizer, files.vq, files.dino, files.siglip, directory)
+        print(f"(converted the release-layout files in {time.perf_counter() - t:.1f} s)", flush=True)
+        shutil.rmtree(work / "release")
+    model = omnicore.load(directory, device="cuda").to(torch.bfloat16).eval()
+    model.backbone.compile_decode = compile_decode  # as the native model of the same variant
+    return model
+
+
+def imported_label(variant: str) -> str:
+    return f"imported OmniMamba-1.3b ({'graph+compile' if VARIANTS[variant] else 'graph'})"
 
 
 def llama(vocab: int):
@@ -216,6 +254,16 @@ def main() -> None:
         del model
         gc.collect()
         torch.cuda.empty_cache()
+        if "imported" in jobs:  # the same jobs right after, on the imported release
+            work = Path(tempfile.gettempdir()) / "bench_generation_imported"
+            model = imported_model(work, VARIANTS[variant])
+            if "t2i" in jobs:
+                bench_t2i(model, batches, args.quick, imported_label(variant))
+            if "mmu" in jobs:
+                bench_mmu(model, 1, imported_label(variant))
+            del model
+            gc.collect()
+            torch.cuda.empty_cache()
     if "long" in jobs:
         bench_long([1024, 4096, 16384] if not args.quick else [1024, 4096], 8, variants[-1],
                    [1024] if "llama" in jobs else [])  # eager Llama at 4K+ takes minutes
@@ -237,6 +285,11 @@ def main() -> None:
             print(f"  t2i batch {b}: {ours:.2f} images/s ({1 / ours * b:.3f} s per batch); "
                   f"x{ours / comp:.2f} vs compiled llama; x{ours / eager:.2f} vs eager llama; "
                   f"guidance costs x{ours / guided:.2f}" if comp and eager and guided else f"  t2i batch {b}: {ours:.2f}")
+    for variant in variants if "imported" in jobs else []:
+        for r in [r for r in ROWS if r["model"] == imported_label(variant)]:
+            native = rate(label(variant), r["job"], r["batch"])
+            if native:
+                print(f"  imported / native, {variant}, {r['job']} batch {r['batch']}: x{r['rate'] / native:.3f}")
     longs = [r for r in ROWS if r["model"].startswith("omnicore") and r["job"].startswith("long")]
     if len(longs) >= 2:
         print(f"  long generation peak memory: {longs[0]['peak']:.2f} GiB at {longs[0]['job']} -> "

@@ -159,6 +159,21 @@ def measure(step, tokens: int, steps: int, device: str) -> dict:
             "peak_gib": peak}
 
 
+def profile(step, name: str, rows: int = 40) -> None:
+    """The GPU kernels of two steps (after a warm-up) by total CUDA time: where a step's time goes."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    step()
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(2):
+            step()
+        torch.cuda.synchronize()
+    print(f"\n--- profile: {name}, two steps ---")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70))
+
+
 def largest_batch(make_step, start: int, device: str, limit: int = 1024) -> int:
     """Rows doubled from ``start`` until a step runs out of memory: the last that fitted."""
     fitted, rows = 0, start
@@ -203,6 +218,7 @@ def main() -> None:
     ap.add_argument("--max-batch", action="store_true", help="also search the largest batch that fits (slow)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="tiny widths: a smoke test of every path")
+    ap.add_argument("--profile", action="store_true", help="also print each model's top GPU kernels (torch.profiler)")
     args = ap.parse_args()
     dev = args.device
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -225,6 +241,8 @@ def main() -> None:
         r = measure(step_runner(model, params, lambda: omni_loss(model, batches), dev), tokens, args.steps, dev)
         fits = largest_batch(make_step, rows_of(tasks), dev) if args.max_batch and dev == "cuda" else None
         report("omnicore 1.3B", job, r, fits)
+        if args.profile and dev == "cuda":
+            profile(step_runner(model, params, lambda: omni_loss(model, batches), dev), f"omnicore {job}")
         del model, params, batches
         gc.collect()
         if dev == "cuda":
@@ -244,6 +262,8 @@ def main() -> None:
             r = measure(base_step(rows_of(tasks)), rows_of(tasks) * length, args.steps, dev)
             fits = largest_batch(base_step, rows_of(tasks), dev) if args.max_batch and dev == "cuda" else None
             report(f"{name} 1.3B ({rows_of(tasks)}x{length})", job, r, fits)
+            if args.profile and dev == "cuda":
+                profile(base_step(rows_of(tasks)), f"{name} {job}")
             del base, params
             gc.collect()
             if dev == "cuda":

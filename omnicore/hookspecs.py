@@ -34,6 +34,12 @@ def register_backbones(register):
 
 
 @hookspec
+def register_mixers(register):
+    """Register sequence mixers (one layer's token mixing, e.g. ``mmmamba``); metadata ``seed`` is a callable
+    ``seed(teacher_layer, **options) -> mixer`` that maps an attention layer into it (``omnicore.distill.seed``)."""
+
+
+@hookspec
 def register_heads(register):
     """Register embeddings and vocabulary heads."""
 
@@ -41,6 +47,12 @@ def register_heads(register):
 @hookspec
 def register_datasets(register):
     """Register datasets."""
+
+
+@hookspec
+def register_mmu_layouts(register):
+    """Register MMU input layouts: ``register(name, factory)``, ``factory()`` returning an
+    ``omnicore.model.layout.MMULayout`` (usable as ``model.mmu_template: <name>``)."""
 
 
 @hookspec

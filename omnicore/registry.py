@@ -28,18 +28,22 @@ KIND_HOOKS: dict[str, str] = {
     "image_tokenizer": "register_image_tokenizers",
     "text_tokenizer": "register_text_tokenizers",
     "backbone": "register_backbones",
+    "mixer": "register_mixers",
     "head": "register_heads",
     "dataset": "register_datasets",
     "recipe": "register_recipes",
+    "mmu_layout": "register_mmu_layouts",
 }
 HOOK_DEFAULT_KIND = {
     "register_encoders": "encoder",
     "register_image_tokenizers": "image_tokenizer",
     "register_text_tokenizers": "text_tokenizer",
     "register_backbones": "backbone",
+    "register_mixers": "mixer",
     "register_heads": "head",
     "register_datasets": "dataset",
     "register_recipes": "recipe",
+    "register_mmu_layouts": "mmu_layout",
 }
 KINDS = tuple(KIND_HOOKS)
 

@@ -76,14 +76,44 @@ def _init_source(path: str) -> Path | None:
     return None
 
 
+def _hf_model_type(path: Path) -> str | None:
+    """The ``model_type`` of a Hugging Face model directory (config.json with one, not an omnicore model's);
+    None for anything else. Never raises."""
+    import json
+
+    config_path = path / "config.json"
+    try:
+        if not path.is_dir() or not config_path.is_file() or config_path.stat().st_size > (1 << 20):
+            return None
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict) or config.get("format") is not None:
+        return None
+    model_type = config.get("model_type")
+    return model_type if isinstance(model_type, str) else None
+
+
 def _load_init_weights(model, path: str, label: str) -> None:
-    """Start a stage from a checkpoint directory, a model directory, a weights file or a Mamba-2 LM directory
-    (its backbone and text embedding; omnicore.convert.mamba2_lm)."""
+    """Start a stage from a checkpoint directory, a model directory, a weights file, a Mamba-2 LM directory
+    (its backbone and text embedding; omnicore.convert.mamba2_lm) or a Hugging Face decoder directory (loaded by
+    a backbone that reads one, ``load_hf_directory``: its layers, and its embedding and LM head into the text
+    head)."""
     from .convert.mamba2_lm import is_mamba2_lm_dir, load_mamba2_lm
 
     p = _init_source(path) or Path(path)
     if is_mamba2_lm_dir(p):
         load_mamba2_lm(model, p, label)
+        return
+    model_type = _hf_model_type(Path(path))
+    if model_type is not None:
+        loader = getattr(model.backbone, "load_hf_directory", None)
+        if loader is None:
+            raise OmnicoreError(f"{label}: {path} is a Hugging Face model directory (model_type {model_type!r}); "
+                                "the model's backbone cannot load one (backbone type transformer can)")
+        heads = getattr(model, "heads", {})
+        loader(Path(path), heads["text"] if "text" in heads else None, label,
+               getattr(model, "text_tokenizer", None))
         return
     if (p / "trainer.pt").is_file():
         state, _ = load_checkpoint(p)

@@ -4,7 +4,9 @@
 /work/shared/reference/omnimamba-official-layout.md), shapes derived from a few dimensions, with untied copies of
 lm_head and img_head equal to their tables, saved with plain ``torch.save``. Beside it: a tokenizer.json whose id 0
 is <|endoftext|> (WordLevel, built with the ``tokenizers`` library), a VQ checkpoint in LlamaGen's names
-(``{"model": state}``), and tiny DINOv2 / SigLIP files in timm's and open_clip's names.
+(``{"model": state}``), and DINOv2 / SigLIP files in timm's and open_clip's names. ``Dims.release()`` gives the
+1.3B release's own sizes (full towers and VQ-16; benchmarks/bench_convert.py writes those), the defaults a tiny
+model for the tests.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ N_ADDED = 10  # [PAD] and the nine specials (<|soi|> ... <|lvg|>)
 # the tiny towers and the tiny VQ the tests build (dinosiglip size "tiny": 56 px, a 4x4 grid, 32 + 48 wide)
 VISION_DIM = 32 + 48
 VQ_PARAMS = dict(ch=16, ch_mult=[1, 2, 2], num_res_blocks=1, z_channels=8, codebook_embed_dim=8)
-VQ_DOWNSAMPLE = 4
+VQ_DOWNSAMPLE = {"tiny": 4, "full": 16}  # LlamaGen VQ-16 downsamples by 16
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,13 @@ class Dims:
     mmu_rows: int = 48
     vision_dim: int = VISION_DIM
     base_vocab: int = 4 + 2 * len(WORDS)  # the tokenizer.json's own ids (tokenizer_vocab)
+    parts: str = "tiny"  # the vision towers and the VQ: "tiny" for tests, "full" as released
+
+    @staticmethod
+    def release() -> "Dims":
+        """OmniMamba-1.3B as released: 2048 wide, 48 layers, 50277 + 10 tokens in 50288 rows, 16384 codes."""
+        return Dims(d_model=2048, n_layer=48, d_state=128, headdim=64, codebook_size=16384, image_size=256,
+                    mmu_rows=1500, vision_dim=1024 + 1152, base_vocab=50277, parts="full")
 
     @property
     def d_inner(self) -> int:
@@ -59,7 +68,7 @@ class Dims:
 
     @property
     def n_codes(self) -> int:
-        return (self.image_size // VQ_DOWNSAMPLE) ** 2
+        return (self.image_size // VQ_DOWNSAMPLE[self.parts]) ** 2
 
     @property
     def t2i_rows(self) -> int:
@@ -145,18 +154,21 @@ def write_checkpoint(path: Path, state: dict[str, torch.Tensor]) -> Path:
     return path
 
 
-def tokenizer_vocab() -> dict[str, int]:
-    """id 0 <|endoftext|>, then each word bare and after a space (as GPT-2-style pieces), then whitespace runs."""
+def tokenizer_vocab(size: int = 0) -> dict[str, int]:
+    """id 0 <|endoftext|>, then each word bare and after a space (as GPT-2-style pieces), then whitespace runs, then
+    filler pieces up to ``size`` ids."""
     pieces = [p for w in WORDS for p in (w, " " + w)] + [" ", "\n"]
-    return {"<|endoftext|>": 0, "[UNK]": 1, **{p: i + 2 for i, p in enumerate(pieces)}}
+    vocab = {"<|endoftext|>": 0, "[UNK]": 1, **{p: i + 2 for i, p in enumerate(pieces)}}
+    vocab.update({f"filler{i}": i for i in range(len(vocab), size)})
+    return vocab
 
 
-def write_tokenizer(path: Path) -> Path:
+def write_tokenizer(path: Path, size: int = 0) -> Path:
     """A WordLevel tokenizer.json whose pieces keep their leading space (so "a ?b" and "a ? b" differ, as with
     GPT-NeoX-20B's BPE); id 0 <|endoftext|>; no BOS/EOS added."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
-    tok = Tokenizer(models.WordLevel(tokenizer_vocab(), unk_token="[UNK]"))
+    tok = Tokenizer(models.WordLevel(tokenizer_vocab(size), unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r" ?\w+| ?[^\w\s]+|\s+"), behavior="isolated")
     tok.decoder = decoders.Fuse()  # the pieces carry their spaces
     tok.add_special_tokens([AddedToken("<|endoftext|>", special=True, normalized=False)])
@@ -165,25 +177,29 @@ def write_tokenizer(path: Path) -> Path:
 
 
 def write_vq(path: Path, d: Dims, seed: int = 1) -> dict[str, torch.Tensor]:
-    """LlamaGen's file: ``{"model": state}`` with its 65536-entry usage record."""
+    """LlamaGen's file: ``{"model": state}`` with its 65536-entry usage record (``d.parts`` "full": VQ-16's sizes)."""
     import omnicore
 
     torch.manual_seed(seed)
-    vq = omnicore.create("image_tokenizer", "vqgan", codebook_size=d.codebook_size, **VQ_PARAMS)
+    params = VQ_PARAMS if d.parts == "tiny" else {}
+    vq = omnicore.create("image_tokenizer", "vqgan", codebook_size=d.codebook_size, **params)
     state = {k: torch.randn_like(v) * 0.2 for k, v in vq.state_dict().items() if k != "quantize.codebook_used"}
     state["quantize.codebook_used"] = torch.zeros(65536)
     torch.save({"model": state}, path)
     return state
 
 
-def write_towers(directory: Path, seed: int = 2) -> tuple[Path, Path]:
-    """Tiny DINOv2 (timm names, safetensors) and SigLIP (open_clip names: ``visual.trunk.*``, a text tower beside)."""
+def write_towers(directory: Path, seed: int = 2, size: str = "tiny") -> tuple[Path, Path]:
+    """DINOv2 (timm names, safetensors) and SigLIP (open_clip names: ``visual.trunk.*``, a text tower beside);
+    ``size`` "full": ViT-L/14-reg4 at its released 518 px (37x37 positions, which loading resamples to 27x27) and
+    SO400M/14 at 384 px."""
     import omnicore
     from safetensors.torch import save_file
 
     torch.manual_seed(seed)
-    dino = omnicore.create("encoder", "dinov2", size="tiny").model.state_dict()
-    siglip = omnicore.create("encoder", "siglip", size="tiny").model.state_dict()
+    dino = omnicore.create("encoder", "dinov2", size=size, **({"image_size": 518} if size == "full" else {}))
+    dino = dino.model.state_dict()
+    siglip = omnicore.create("encoder", "siglip", size=size).model.state_dict()
     dino = {k: (torch.randn_like(v) * 0.2 if v.is_floating_point() else v).contiguous() for k, v in dino.items()}
     siglip = {k: torch.randn_like(v) * 0.2 if v.is_floating_point() else v for k, v in siglip.items()}
     dino_path, siglip_path = directory / "dinov2.safetensors", directory / "open_clip_pytorch_model.bin"
@@ -207,10 +223,10 @@ class OfficialFiles:
 def write_all(directory: Path, dims: Dims = Dims(), seed: int = 0) -> OfficialFiles:
     directory.mkdir(parents=True, exist_ok=True)
     state = official_state(dims, seed)
-    checkpoint = write_checkpoint(directory / "OmniMamba-tiny.pth", state)
+    checkpoint = write_checkpoint(directory / f"OmniMamba-{dims.parts}.pth", state)
     (directory / "tokenizer").mkdir(exist_ok=True)
-    tokenizer = write_tokenizer(directory / "tokenizer" / "tokenizer.json")
+    tokenizer = write_tokenizer(directory / "tokenizer" / "tokenizer.json", dims.base_vocab)
     vq = directory / "vq_ds16_t2i.pt"
     write_vq(vq, dims)
-    dino, siglip = write_towers(directory)
+    dino, siglip = write_towers(directory, size=dims.parts)
     return OfficialFiles(dims, checkpoint, tokenizer, vq, dino, siglip, state)

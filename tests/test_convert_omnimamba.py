@@ -353,8 +353,8 @@ print(json.dumps({"file": os.path.getsize(big.checkpoint), "peak_growth": after 
 
 def test_peak_memory_stays_under_twice_the_checkpoint(tmp_path):
     """A 68 MiB release-layout file (d_model 512, 16 layers) in a fresh process: the converter's peak resident
-    memory grows by about the file's size (its memory-mapped pages, moved to the writer, no copies): well under
-    twice the file."""
+    memory grows by a fraction of the file's size: its tensors are memory-mapped, moved to the writer without
+    copies, and each one's pages are given back once written."""
     import json
     import subprocess
 
@@ -363,8 +363,8 @@ def test_peak_memory_stays_under_twice_the_checkpoint(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     measured = json.loads(run.stdout.strip().splitlines()[-1])
     assert measured["file"] > 60 * 2**20
-    # measured: 1.01x (the file's pages, read once); a copy of every tensor made it 1.49x, an fp32 copy 2.2x
-    assert measured["peak_growth"] < 1.3 * measured["file"], measured
+    # measured: 0.14x; keeping the written pages made it 1.01x, a copy of every tensor 1.49x, an fp32 copy 2.2x
+    assert measured["peak_growth"] < 0.5 * measured["file"], measured
 
 
 # --- MMU templates ------------------------------------------------------------------------------------------------

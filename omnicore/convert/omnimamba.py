@@ -256,6 +256,36 @@ def _tokenizer_file(path: Path) -> Path:
     return file
 
 
+def release_spec(d: OmniMambaDims, tokenizer_file: str | Path, vq_params: dict, image_size: int,
+                 max_text_tokens: int, *, vision_size: VisionSize = "full", mmu_template: str = "omnimamba-chat",
+                 max_caption_tokens: int = CAPTION_TOKENS, lora_alpha: float = LORA_ALPHA,
+                 lora_dropout: float = LORA_DROPOUT) -> dict:
+    """The omnicore model spec of a release of dimensions ``d``: what ``convert`` writes into config.json, and what
+    the recipes in recipes/omnimamba-1.3b/ describe (a test builds both and compares every tensor's shape)."""
+    projector = {"fused": True} if d.vision_hidden == 4 * d.vision_dim else {"fused": True,
+                                                                              "hidden_dim": d.vision_hidden}
+    return {
+        "image_size": image_size, "max_caption_tokens": max_caption_tokens,
+        "max_text_tokens": max_text_tokens, "mmu_template": mmu_template,
+        "encoder": {"type": "dinosiglip", "params": {"size": vision_size}},
+        "projector": {"type": "mlp_gelu", "params": projector},
+        "image_tokenizer": {"type": "vqgan", "params": vq_params},
+        "text_tokenizer": {"type": "hf_tokenizer",
+                           "params": {"path": str(tokenizer_file), "added_tokens": "omnimamba"}},
+        "backbone": {"type": "mamba2", "params": {
+            "d_model": d.d_model, "n_layer": d.n_layer, "d_state": d.d_state, "headdim": d.headdim,
+            "expand": d.expand, "d_conv": d.d_conv, "ngroups": 1,
+            "lora": {"tasks": list(TASKS), "r": d.lora_r, "alpha": lora_alpha, "dropout": lora_dropout}}},
+        "heads": {
+            "text": {"type": "text_vocab"},
+            "image": {"type": "image_vocab", "params": {"proj": "fused"}},
+            "caption": {"type": "caption_mlp", "params": {"hidden_dim": d.caption_hidden}},
+            "mmu_positions": {"type": "position_table", "params": {"num_positions": d.mmu_rows}},
+            "t2i_positions": {"type": "position_table", "params": {"num_positions": d.t2i_rows}},
+        },
+    }
+
+
 # --- convert --------------------------------------------------------------------------------------------------------
 def convert(checkpoint: str | Path, tokenizer: str | Path, vq: str | Path, dino: str | Path, siglip: str | Path,
             out_dir: str | Path, *, mmu_template: str = "omnimamba-chat", vision_size: VisionSize = "full",
@@ -301,27 +331,9 @@ def convert(checkpoint: str | Path, tokenizer: str | Path, vq: str | Path, dino:
         raise CheckpointError(f"{where}: {PREFIX}mmu_pos_embed has {d.mmu_rows} rows, fewer than the "
                               f"{prefix + 1} an image prompt needs")
 
-    projector = {"fused": True} if d.vision_hidden == 4 * d.vision_dim else {"fused": True,
-                                                                              "hidden_dim": d.vision_hidden}
-    spec = {
-        "image_size": side * image_tok.downsample, "max_caption_tokens": max_caption_tokens,
-        "max_text_tokens": d.mmu_rows - prefix, "mmu_template": mmu_template,
-        "encoder": {"type": "dinosiglip", "params": {"size": vision_size}},
-        "projector": {"type": "mlp_gelu", "params": projector},
-        "image_tokenizer": {"type": "vqgan", "params": vq_params},
-        "text_tokenizer": {"type": "hf_tokenizer", "params": {"path": str(tok_file), "added_tokens": "omnimamba"}},
-        "backbone": {"type": "mamba2", "params": {
-            "d_model": d.d_model, "n_layer": d.n_layer, "d_state": d.d_state, "headdim": d.headdim,
-            "expand": d.expand, "d_conv": d.d_conv, "ngroups": 1,
-            "lora": {"tasks": list(TASKS), "r": d.lora_r, "alpha": lora_alpha, "dropout": lora_dropout}}},
-        "heads": {
-            "text": {"type": "text_vocab"},
-            "image": {"type": "image_vocab", "params": {"proj": "fused"}},
-            "caption": {"type": "caption_mlp", "params": {"hidden_dim": d.caption_hidden}},
-            "mmu_positions": {"type": "position_table", "params": {"num_positions": d.mmu_rows}},
-            "t2i_positions": {"type": "position_table", "params": {"num_positions": d.t2i_rows}},
-        },
-    }
+    spec = release_spec(d, tok_file, vq_params, side * image_tok.downsample, d.mmu_rows - prefix,
+                        vision_size=vision_size, mmu_template=mmu_template, max_caption_tokens=max_caption_tokens,
+                        lora_alpha=lora_alpha, lora_dropout=lora_dropout)
     with torch.device("meta"):  # names and shapes only: no memory for the weights
         shell = build_from_spec(copy.deepcopy(spec))
     expected = shapes(shell.state_dict())
@@ -337,11 +349,31 @@ def convert(checkpoint: str | Path, tokenizer: str | Path, vq: str | Path, dino:
         if target is None:  # check_release accepted it, so the name map lacks it: the converter's own bug
             raise CheckpointError(f"{where}: no omnicore name for {name!r}")
         out[target] = tensor[0] if name in POSITION_TABLES else tensor
+    from_file = frozenset(out)  # views of the memory-mapped checkpoint: their pages are given back once written
     out.update({f"encoder.{k}": v for k, v in encoder.state_dict().items()})
     out.update({f"image_tokenizer.{k}": v for k, v in image_tok.state_dict().items()})
     check_tensors(out, expected, f"{where}: converted")
     # the release draws images greedily (its T2I script: top_k 1); generate_images uses that unless told otherwise
-    return write_model_dir(out_dir, {"model": saved_spec, "sampling": {"t2i": {"greedy": True}}}, out)
+    return write_model_dir(out_dir, {"model": saved_spec, "sampling": {"t2i": {"greedy": True}}}, out, from_file)
+
+
+def _part(name: str) -> str:
+    """The model part a tensor belongs to: ``heads.caption_pool``, ``backbone``..."""
+    parts = name.split(".")
+    return ".".join(parts[:2]) if parts[0] == "heads" else parts[0]
+
+
+def _check_release_parts(spec: dict, where: Path) -> None:
+    """The parts the release's file leaves out must be the release's too, or the official code (which brings its
+    own DINOv2 + SigLIP towers and GPT-NeoX tokenizer) would read the exported weights wrongly."""
+    encoder = (spec.get("encoder") or {}).get("type")
+    if encoder != "dinosiglip":
+        raise CheckpointError(f"{where}: model.encoder is {encoder!r}; the release's projector reads DINOv2 + SigLIP "
+                              "features (dinosiglip), so only such a model exports")
+    tok = spec.get("text_tokenizer") or {}
+    if tok.get("type") != "hf_tokenizer" or (tok.get("params") or {}).get("added_tokens") != "omnimamba":
+        raise CheckpointError(f"{where}: model.text_tokenizer is not hf_tokenizer with added_tokens: omnimamba; the "
+                              "release's token ids are GPT-NeoX-20B's with OmniMamba's added tokens")
 
 
 # --- export ---------------------------------------------------------------------------------------------------------
@@ -352,21 +384,25 @@ def export(model_dir: str | Path, out_file: str | Path) -> Path:
     from ..model.unified import ADAPTERS_FILE, WEIGHTS_FILE, _read_config, _read_weights
 
     model_dir, out_file = Path(model_dir), Path(out_file)
-    _, config = _read_config(model_dir)
+    config_path, config = _read_config(model_dir)
+    _check_release_parts(config.get("model", {}), config_path)
     state = _read_weights(model_dir / WEIGHTS_FILE)
     if (model_dir / ADAPTERS_FILE).exists():
         state.update(_read_weights(model_dir / ADAPTERS_FILE))
     for alias, canonical in config.get("tied", {}).items():
         if canonical in state:
             state[alias] = state[canonical]
+    homeless = sorted({_part(n) for n in state if official_name(n) is None
+                       and not n.startswith(("encoder.", "image_tokenizer."))})
+    if homeless:
+        raise CheckpointError(f"{model_dir}: {', '.join(homeless)} ha{'s' if len(homeless) == 1 else 've'} no place in "
+                              "the OmniMamba release's layout; only a model of the release's parts exports")
     out: dict[str, torch.Tensor] = {}
     for name in list(state):
         tensor = state.pop(name)
         if name.startswith(("encoder.", "image_tokenizer.")):
             continue
         target = official_name(name)
-        if target is None:
-            raise CheckpointError(f"{model_dir}: tensor {name!r} has no place in the OmniMamba release's layout")
         tensor = tensor.to(torch.float16).contiguous()
         out[target] = tensor[None] if target in POSITION_TABLES else tensor
     for head, table in TIED.items():

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..errors import CheckpointError, InputFileError, OmnicoreError
 from ..registry import registry
-from .layout import IGNORE, Layout
+from .layout import CHAT_TEMPLATE_PREFIX, IGNORE, Layout, MMULayout, mmu_layout
 from .losses import code_balanced_ce
 from .roles import HEAD_INJECTIONS
 
@@ -41,7 +41,7 @@ class UnifiedModel(nn.Module):
                  encoder: nn.Module | None = None, projector: nn.Module | None = None,
                  image_tokenizer: nn.Module | None = None, max_caption_tokens: int = 68,
                  max_text_tokens: int = 512, image_size: int = 256, caption_reads: int = 1,
-                 mmu_template: str = "omnicore", config: dict | None = None) -> None:
+                 mmu_template: "str | MMULayout" = "omnicore", config: dict | None = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.encoder = encoder
@@ -50,6 +50,7 @@ class UnifiedModel(nn.Module):
         self.heads = nn.ModuleDict(heads)
         self.text_tokenizer = text_tokenizer
         self.layout = Layout(text_tokenizer, max_caption_tokens, max_text_tokens, caption_reads, mmu_template)
+        _ = self.layout.mmu  # resolved now: a layout name or a tokenizer it cannot use fails at build time
         self.image_size = image_size
         self.config = config or {}
         for required in ("text",):
@@ -104,7 +105,8 @@ class UnifiedModel(nn.Module):
 
     def mmu_embeddings(self, pixels: torch.Tensor | None, has_image: torch.Tensor | None,
                        text_ids: torch.Tensor, batch_size: int) -> torch.Tensor:
-        """``[<|mmu|>, <|soi|>, image, <|eoi|>, <|sot|>, text]`` embedded; text-only rows get zeros as image."""
+        """``[head, image, tail, text]`` embedded (the MMU layout's head and tail: OmniMamba's
+        ``<|mmu|>, <|soi|>`` / ``<|eoi|>, <|sot|>``, or a chat layout's); text-only rows get zeros as image."""
         dev = self.device
         head = torch.tensor(self.layout.mmu_head_ids, device=dev).expand(batch_size, -1)
         tail = torch.tensor(self.layout.mmu_tail_ids, device=dev).expand(batch_size, -1)
@@ -122,8 +124,8 @@ class UnifiedModel(nn.Module):
 
     @property
     def mmu_prefix_len(self) -> int:
-        """Positions before the text: 2 specials + image slots + 2 specials."""
-        return 4 + self.num_patches
+        """Positions before the text: the layout's head, the image slots, its tail (OmniMamba's: 2 + slots + 2)."""
+        return len(self.layout.mmu_head_ids) + self.num_patches + len(self.layout.mmu_tail_ids)
 
     def add_positions(self, x: torch.Tensor, table: str, positions: torch.Tensor | None = None) -> torch.Tensor:
         """Add a learned position table's rows (``positions`` (B, L) or 0..L-1)."""
@@ -224,9 +226,11 @@ class UnifiedModel(nn.Module):
         return write_model_dir(directory, self.config, self.state_dict())
 
 
-def write_model_dir(directory: str | os.PathLike, config: dict, state: dict[str, torch.Tensor]) -> Path:
+def write_model_dir(directory: str | os.PathLike, config: dict, state: dict[str, torch.Tensor],
+                    file_backed: frozenset[str] = frozenset()) -> Path:
     """A model directory from its config (``{"model": spec, ...}``) and full state dict, written atomically:
-    what ``UnifiedModel.save`` writes, also for converters that never build the model in memory."""
+    what ``UnifiedModel.save`` writes, also for converters that never build the model in memory (``file_backed``:
+    names of tensors that view a memory-mapped input file, whose pages are given back once written)."""
     from ..training.checkpoint import atomic_directory, save_state_dict
 
     directory = Path(directory)
@@ -236,9 +240,9 @@ def write_model_dir(directory: str | os.PathLike, config: dict, state: dict[str,
         base, adapters = {}, {}
         for name, tensor in state.items():
             (adapters if is_adapter_param(name) else base)[name] = tensor
-        tied = save_state_dict(base, tmp / WEIGHTS_FILE)
+        tied = save_state_dict(base, tmp / WEIGHTS_FILE, file_backed)
         if adapters:
-            save_state_dict(adapters, tmp / ADAPTERS_FILE)
+            save_state_dict(adapters, tmp / ADAPTERS_FILE, file_backed)
         config["tied"] = tied
         (tmp / CONFIG_FILE).write_text(json.dumps({"format": FORMAT, "version": 1, **config}, indent=2))
     return directory
@@ -319,11 +323,14 @@ def build_from_spec(model_spec: dict) -> UnifiedModel:
                                                    "backbone")] + list(config_spec.get("heads", {}).values()):
         if role_spec:
             _strip_weight_params(role_spec)
+    layout = mmu_layout(spec.get("mmu_template", "omnicore"))
+    if spec.get("mmu_template", "").startswith(CHAT_TEMPLATE_PREFIX):
+        config_spec["mmu_template"] = layout.spec()  # the layout itself, not the file it was read from
     return UnifiedModel(backbone=backbone, text_tokenizer=text_tokenizer, heads=heads, encoder=encoder,
                         projector=projector, image_tokenizer=image_tokenizer,
                         max_caption_tokens=spec["max_caption_tokens"], max_text_tokens=spec["max_text_tokens"],
                         image_size=spec["image_size"], caption_reads=spec.get("caption_reads", 1),
-                        mmu_template=spec.get("mmu_template", "omnicore"), config={"model": config_spec})
+                        mmu_template=layout, config={"model": config_spec})
 
 
 def build(recipe: Any) -> UnifiedModel:

@@ -17,10 +17,11 @@ from typing import Any, Iterator
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..errors import CheckpointError, InputFileError
 from ..inputs import regular_file
+from .tensor_file import write_safetensors
 
 LATEST = "latest"
 
@@ -79,8 +80,11 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
-def save_state_dict(state: dict[str, torch.Tensor], path: Path) -> dict[str, str]:
-    """Save tensors with safetensors; tied tensors are stored once. Returns {alias: stored name}."""
+def save_state_dict(state: dict[str, torch.Tensor], path: Path, file_backed: frozenset[str] = frozenset()
+                    ) -> dict[str, str]:
+    """Save tensors with safetensors, one at a time (tensor_file.py); tied tensors are stored once. Returns
+    {alias: stored name}. ``file_backed``: names of tensors that view a read-only memory-mapped file (a checkpoint
+    being converted), whose pages are given back once written."""
     stored: dict[tuple, str] = {}
     out: dict[str, torch.Tensor] = {}
     tied: dict[str, str] = {}
@@ -92,8 +96,8 @@ def save_state_dict(state: dict[str, torch.Tensor], path: Path) -> dict[str, str
             continue
         if key is not None:
             stored[key] = name
-        out[name] = tensor.detach().contiguous().cpu()
-    save_file(out, str(path))
+        out[name] = tensor
+    write_safetensors(out, path, drop_pages=file_backed)
     return tied
 
 

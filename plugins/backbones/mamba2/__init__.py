@@ -2,7 +2,9 @@
 
 from .backbone import Mamba2Backbone
 from .mixer import Mamba2
+from .mmmamba_mixer import MMambaMixer, pack_inference, unpack_inference
 from .ssd import ssd_chunked, ssd_step
 from .state import InferenceState
 
-__all__ = ["Mamba2Backbone", "Mamba2", "InferenceState", "ssd_chunked", "ssd_step"]
+__all__ = ["Mamba2Backbone", "Mamba2", "MMambaMixer", "InferenceState", "ssd_chunked", "ssd_step",
+           "pack_inference", "unpack_inference"]

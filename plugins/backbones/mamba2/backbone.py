@@ -1,5 +1,8 @@
 """The Mamba-2 backbone: mamba_ssm's ``MixerModel`` without the embedding (names ``layers.{i}.mixer.*``,
 ``layers.{i}.norm.weight``, ``norm_f.weight``), optional gated MLPs and attention layers (hybrid stacks).
+The non-attention layers' mixer is ``Mamba2`` or, with ``mixer="mmmamba"``, ``MMambaMixer`` (options in ssm_cfg).
+The decode fast paths cover both as follows: the compiled step runs either mixer's ``step``; the fused Triton step
+and the merged LoRA weights are Mamba2's alone (an mmMamba stack decodes without them).
 
 ``forward(inputs_embeds, task, state, mask)`` returns the final normalised hidden states. With a ``state``
 (from ``allocate_inference_state``) L > 1 is a prefill that continues from it and L == 1 a recurrent step;
@@ -22,6 +25,7 @@ from . import compiled_step, fused_step, lora
 from .attention import MHA, AttnContext
 from .block import Block, GatedMLP, make_norm
 from .mixer import Mamba2
+from .mmmamba_mixer import MMambaMixer
 from .state import InferenceState
 
 _SKIPPED = ("embedding.weight", "lm_head.weight")
@@ -43,11 +47,15 @@ class Mamba2Backbone(nn.Module):
     def __init__(self, d_model: int, n_layer: int, ssm_cfg: dict | None = None, d_intermediate: int = 0,
                  attn_layer_idx: list[int] | None = None, attn_cfg: dict | None = None, rms_norm: bool = True,
                  residual_in_fp32: bool = True, norm_epsilon: float = 1e-5, kernel: str = "auto",
-                 compile_decode: bool | None = None, device=None, dtype=None) -> None:
+                 compile_decode: bool | None = None, mixer: str = "mamba2", device=None, dtype=None) -> None:
         super().__init__()
         fk = {"device": device, "dtype": dtype}
         self.d_model, self.n_layer = d_model, n_layer
         self.attn_layer_idx = sorted(set(attn_layer_idx or []))
+        mixers = {"mamba2": Mamba2, "mmmamba": MMambaMixer}
+        if mixer not in mixers:
+            raise ValueError(f"mixer must be one of {', '.join(mixers)}; got {mixer!r}")
+        self.mixer_kind = mixer
         if any(not 0 <= i < n_layer for i in self.attn_layer_idx):
             raise ValueError(f"attn_layer_idx {self.attn_layer_idx} out of range for n_layer={n_layer}")
         self.gradient_checkpointing = False
@@ -62,7 +70,7 @@ class Mamba2Backbone(nn.Module):
             if i in self.attn_layer_idx:
                 mixer = MHA(d_model, causal=True, layer_idx=i, **(attn_cfg or {}), **fk)
             else:
-                mixer = Mamba2(d_model, layer_idx=i, kernel=kernel, **(ssm_cfg or {}), **fk)
+                mixer = mixers[self.mixer_kind](d_model, layer_idx=i, kernel=kernel, **(ssm_cfg or {}), **fk)
             mlp = GatedMLP(d_model, d_intermediate, **fk) if d_intermediate > 0 else None
             layers.append(Block(d_model, mixer, mlp, rms_norm, norm_epsilon, residual_in_fp32, **fk))
         self.layers = nn.ModuleList(layers)
@@ -70,13 +78,14 @@ class Mamba2Backbone(nn.Module):
         self._init_weights(n_residuals_per_layer=1 if d_intermediate == 0 else 2)
 
     def _init_weights(self, n_residuals_per_layer: int) -> None:
-        """As mamba_ssm: Linear biases zeroed; out_proj / fc2 rescaled by 1/sqrt(n_residuals * n_layer)."""
+        """As mamba_ssm: Linear biases zeroed; out_proj / fc2 (and mmMamba's o_proj) rescaled by
+        1/sqrt(n_residuals * n_layer)."""
         with torch.no_grad():
             for name, module in self.named_modules():
                 if isinstance(module, nn.Linear):
                     if module.bias is not None and not getattr(module.bias, "_no_reinit", False):
                         module.bias.zero_()
-                    if name.endswith(("out_proj", "fc2")):
+                    if name.endswith(("out_proj", "o_proj", "fc2")):
                         nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5))
                         module.weight /= math.sqrt(n_residuals_per_layer * self.n_layer)
 
