@@ -299,6 +299,67 @@ def export_omnimamba(model: Path = typer.Argument(..., help="A model directory (
     console.print(f"wrote {out}")
 
 
+@app.command("serve")
+def serve_cmd(model: Path = typer.Option(..., "--model", help="A model directory (omnicore.load)."),
+              host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (default: loopback only)."),
+              port: int = typer.Option(8000, "--port", help="Port to listen on (0: any free port)."),
+              device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: cuda if "
+                                                   "available)."),
+              max_batch: int = typer.Option(32, "--max-batch", help="Sequences decoding at once per task (answers; "
+                                            "images, each with its guidance row)."),
+              max_queue: int = typer.Option(256, "--max-queue", help="Requests waiting beyond the running batch; "
+                                            "more get 429."),
+              api_key: Optional[str] = typer.Option(None, "--api-key", envvar="OMNI_API_KEY",
+                                                    help="Require 'Authorization: Bearer KEY' on /v1/ endpoints."),
+              max_body_mb: float = typer.Option(20.0, "--max-body-mb", help="Largest request body, in MiB."),
+              max_n: Optional[int] = typer.Option(None, "--max-n", help="Largest n (answers or images) of one "
+                                                  "request (default: 16, or --max-batch if smaller)."),
+              max_tokens: int = typer.Option(1024, "--max-tokens", help="Largest max_tokens of an answer."),
+              name: Optional[str] = typer.Option(None, "--name", help="The model name clients give (default: the "
+                                                 "directory's name)."),
+              threads: Optional[int] = typer.Option(None, "--threads", help="torch's CPU threads (default: "
+                                                    "torch's own choice)."),
+              log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error.")) -> None:
+    """Serve a model over HTTP: OpenAI-compatible chat completions and image generations, a page at /."""
+    try:
+        from omnicore.serve.app import ServeOptions
+        from omnicore.serve.protocol import Limits
+        from omnicore.serve.server import serve
+    except ImportError as exc:
+        raise OmnicoreError(f"omni serve needs the serve extra (pip install 'omnicore[serve]'): {exc}") from None
+
+    _at_least("--port", port, 0)
+    if port > 65535:
+        raise OmnicoreError(f"--port: must be at most 65535 (got {port})")
+    _at_least("--max-batch", max_batch, 1)
+    _at_least("--max-queue", max_queue, 1)
+    _finite("--max-body-mb", max_body_mb)
+    _at_least("--max-body-mb", max_body_mb, 0.001)
+    max_n = min(16, max_batch) if max_n is None else max_n
+    _at_least("--max-n", max_n, 1)
+    if max_n > 16:
+        raise OmnicoreError(f"--max-n: at most 16, the Python API's decoding batch (got {max_n})")
+    _at_least("--max-tokens", max_tokens, 1)
+    if max_n > max_batch:
+        raise OmnicoreError(f"--max-n {max_n}: more than --max-batch {max_batch}; such a request could never run")
+    if api_key is not None and not api_key.strip():
+        raise OmnicoreError("--api-key: must not be empty")
+    _at_least("--threads", threads, 1)
+    if log_level not in ("debug", "info", "warning", "error"):
+        raise OmnicoreError(f"--log-level {log_level}: use debug, info, warning or error")
+    if not model.is_dir():
+        raise OmnicoreError(f"--model {model}: not a model directory "
+                            f"({'does not exist' if not model.exists() else 'not a directory'})")
+    options = ServeOptions(model_dir=model, device=_device(device), max_batch=max_batch, max_queue=max_queue,
+                           api_key=api_key, max_body_bytes=int(max_body_mb * (1 << 20)),
+                           limits=Limits(max_n=max_n, max_tokens=max_tokens), name=name)
+    if threads is not None:  # small models on a busy CPU run far faster on one thread than on contended ones
+        import torch
+
+        torch.set_num_threads(threads)
+    serve(options, host=host, port=port, log_level=log_level)
+
+
 @app.command("pretokenize")
 def pretokenize_cmd(folder: Path = typer.Argument(..., help="Images with same-stem .txt captions."),
                     out: Path = typer.Option(..., "--out", help="The JSONL file to write (caption + codes)."),

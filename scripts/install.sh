@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv and install omnicore (editable) with its test extras. Safe to run again.
+# Create .venv and install omnicore (editable) with its test and serving extras. Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -10,5 +10,5 @@ fi
 if ! .venv/bin/python -c "import torch, torchvision" >/dev/null 2>&1; then
   .venv/bin/pip install -q torch==2.14.1 torchvision==0.29.1
 fi
-.venv/bin/pip install -q -e ".[dev]"
+.venv/bin/pip install -q -e ".[dev,serve]"
 .venv/bin/omni --version
