@@ -123,41 +123,49 @@ class Pool:
 
     # --- admission -----------------------------------------------------------------------------------
     def admit(self, jobs: list[Job]) -> None:
-        """Prefill ``jobs`` (each alone) and copy them into free rows; the caller checked that their rows are free
-        (and, for a non-recurrent state, that they may start together)."""
-        shared = not self.recurrent  # the pool is empty: the jobs' shared offset becomes the pool's
+        """Prefill ``jobs`` and copy them into free rows; the caller checked that their rows are free (and, for a
+        non-recurrent state, that they may start together). Jobs whose prompts have one length (``prefill_key``)
+        prefill as one batch, the rows of each as the Python API would prefill that request alone; a batch that
+        fails fails its jobs, the others go on."""
+        groups: dict[object, list[Job]] = {}
         for job in jobs:
-            rows = [heapq.heappop(self.free) for _ in range(job.rows)]
-            index = torch.tensor(rows, device=self.device)
+            groups.setdefault(self.prefill_key(job), []).append(job)
+        for group in groups.values():
+            rows = [[heapq.heappop(self.free) for _ in range(job.rows)] for job in group]
             try:
-                state, logits, offsets, extra = self.prefill(job)
-            except Exception as exc:  # this job fails; the others of the group go on
-                for r in rows:
+                state, logits, offsets, extra = self.prefill(group)
+            except Exception as exc:  # these jobs fail; the other groups go on
+                for r in (r for part in rows for r in part):
                     heapq.heappush(self.free, r)
                 log.exception("prefill failed")
-                job.emit(("error", f"the server failed to read this request ({type(exc).__name__})"))
+                for job in group:
+                    job.emit(("error", f"the server failed to read this request ({type(exc).__name__})"))
                 continue
-            copy_rows(self.state, state, index, shared)
+            index = torch.tensor([r for part in rows for r in part], device=self.device)
+            copy_rows(self.state, state, index, not self.recurrent)
             self.logits.index_copy_(0, index, logits.float())
             self.pos.index_copy_(0, index, offsets)
             self.active.index_fill_(0, index, 1)
-            if self.seen is None and job.sampling.repetition_penalty != 1.0:
+            if self.seen is None and any(job.sampling.repetition_penalty != 1.0 for job in group):
                 self.seen = torch.zeros(self.capacity, self.vocab, dtype=torch.bool, device=self.device)
                 self.steps.clear()  # captured before the buffer existed; recaptured over the new set of buffers
             if self.seen is not None:
                 self.seen.index_fill_(0, index, False)
             self.store_extra(index, extra)
-            self.running.append(_Running(job, rows, self.device, self.vocab))
+            for job, part in zip(group, rows):
+                self.running.append(_Running(job, part, self.device, self.vocab))
 
-    def prefill(self, job: Job):
-        """(state of ``job.rows`` rows, last logits (rows, V), each row's next position, extra per-row tensors)."""
+    def prefill(self, jobs: list[Job]):
+        """(state of the jobs' rows, job after job; last logits (rows, V); each row's next position; extra per-row
+        tensors). The jobs share a ``prefill_key``: their prompts have one length."""
         raise NotImplementedError
 
     def store_extra(self, index: torch.Tensor, extra) -> None:
         pass
 
     def prefill_key(self, job: Job):
-        """Jobs of a non-recurrent pool start together only when this is the same (their prompt length)."""
+        """Jobs prefill together (and, in a non-recurrent pool, start together) only when this is the same: the
+        length of their prompts."""
         return None
 
     # --- one iteration -------------------------------------------------------------------------------
@@ -261,19 +269,22 @@ class TextPool(Pool):
     def prefill_key(self, job: TextJob):
         return len(job.question_ids)
 
-    def prefill(self, job: TextJob):
-        # as engine.stream_text prefills answer([image] * n, [question] * n): the prompt of each row, left padded
-        # (here all rows alike), through the backbone with a mask
-        m, dev, B = self.model, self.device, job.n
+    def prefill(self, jobs: list[TextJob]):
+        # as engine.stream_text prefills answer([image] * n, [question] * n): each row's prompt (one length for all
+        # these jobs, so no padding), through the backbone with a mask
+        m, dev = self.model, self.device
+        B = sum(job.n for job in jobs)
         pixels = has = None
         if m.encoder is not None:
             size = m.encoder.image_size
-            one = job.pixels if job.pixels is not None else torch.zeros(3, size, size)
-            pixels = one[None].expand(B, -1, -1, -1).contiguous().to(dev)
-            has = torch.full((B,), float(job.pixels is not None)).to(dev)
+            blank = torch.zeros(3, size, size)
+            pixels = torch.stack([job.pixels if job.pixels is not None else blank for job in jobs for _ in
+                                  range(job.n)]).to(dev)
+            has = torch.tensor([float(job.pixels is not None) for job in jobs for _ in range(job.n)]).to(dev)
         prefix = m.mmu_embeddings(pixels, has, torch.zeros(B, 0, dtype=torch.long, device=dev), B)
-        question = m.text_embed(torch.tensor(job.question_ids, dtype=torch.long, device=dev))
-        x = torch.cat([prefix, question[None].expand(B, -1, -1)], dim=1)
+        questions = torch.tensor([job.question_ids for job in jobs for _ in range(job.n)], dtype=torch.long,
+                                 device=dev)
+        x = torch.cat([prefix, m.text_embed(questions)], dim=1)
         L = x.shape[1]
         mask = torch.ones(B, L, dtype=torch.bool, device=dev)
         positions = (mask.long().cumsum(1) - 1).clamp(min=0)
@@ -331,10 +342,10 @@ class ImagePool(Pool):
         cond = None if self.condition is None else self.condition[:rows]
         return self.model.code_embeddings(self.token[:rows, None], cond)
 
-    def prefill(self, job: ImageJob):
-        return self._prefill_rows([job])
+    def prefill_key(self, job: ImageJob):
+        return 0  # T2I prompts all have one length
 
-    def _prefill_rows(self, jobs: list[ImageJob]):
+    def prefill(self, jobs: list[ImageJob]):
         # as engine.generate_codes prefills generate_images([prompt], n_per_prompt=n): the caption's rows, then (with
         # guidance) as many unconditional or negative-prompt rows; job after job
         m, dev = self.model, self.device
@@ -350,31 +361,6 @@ class ImagePool(Pool):
         logits = m.heads[self.head].logits(h[:, -1])
         offsets = torch.full((prompt.shape[0],), prompt.shape[1], dtype=torch.long, device=dev)
         return state, logits, offsets, m.t2i_condition(prompt)
-
-    def admit(self, jobs: list[Job]) -> None:
-        """T2I prompts all have the same length: the jobs that join at one step boundary prefill as one batch."""
-        if len(jobs) == 1:
-            return super().admit(jobs)
-        rows = [[heapq.heappop(self.free) for _ in range(job.rows)] for job in jobs]
-        try:
-            state, logits, offsets, condition = self._prefill_rows(jobs)
-        except Exception:
-            for r in (r for part in rows for r in part):
-                heapq.heappush(self.free, r)
-            raise
-        index = torch.tensor([r for part in rows for r in part], device=self.device)
-        copy_rows(self.state, state, index, not self.recurrent)
-        self.logits.index_copy_(0, index, logits.float())
-        self.pos.index_copy_(0, index, offsets)
-        self.active.index_fill_(0, index, 1)
-        if self.seen is None and any(job.sampling.repetition_penalty != 1.0 for job in jobs):
-            self.seen = torch.zeros(self.capacity, self.vocab, dtype=torch.bool, device=self.device)
-            self.steps.clear()
-        if self.seen is not None:
-            self.seen.index_fill_(0, index, False)
-        self.store_extra(index, condition)
-        for job, part in zip(jobs, rows):
-            self.running.append(_Running(job, part, self.device, self.vocab))
 
     def store_extra(self, index: torch.Tensor, condition) -> None:
         if self.condition is not None and condition is not None:
