@@ -1,7 +1,8 @@
 """Slot pools: one inference state of ``capacity`` rows per task, whose running sequences step together.
 
-A new job prefills alone, in a state of its own rows, exactly as ``UnifiedModel.answer`` / ``generate_images``
-prefill it, and its rows are then copied into free rows of the pool; from the next step on it decodes with the
+A new job prefills in a state of its own rows as ``UnifiedModel.answer`` / ``generate_images`` prefill it (jobs
+that arrive together with prompts of one length as one batch), and its rows are then copied into free rows of the
+pool; from the next step on it decodes with the
 others. Each iteration samples every running job's next token (jobs grouped by sampling rule, each job drawing its
 noise from its own generator, shaped as the Python API draws it for that job alone), then runs one backbone step
 over the pool's first rows (the smallest bucket holding every used row), each row at its own position. A job that
