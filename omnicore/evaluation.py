@@ -90,7 +90,7 @@ def evaluate_t2i(model, dataset, guidance_scale: float, sampling: dict, out_dir:
     return {**results, "t2i_images": len(samples)}
 
 
-def run_evaluation(model, spec: EvaluationSpec, run_dir: Path, console: Console) -> dict:
+def _evaluate(model, spec: EvaluationSpec, out_dir: Path) -> dict:
     results: dict = {}
     sampling = spec.sampling.model_dump(exclude={"guidance_scale"})
     model.eval()
@@ -100,13 +100,38 @@ def run_evaluation(model, spec: EvaluationSpec, run_dir: Path, console: Console)
     if spec.t2i is not None:
         t2i_sampling = {k: v for k, v in sampling.items() if k != "max_new_tokens"}
         results.update(evaluate_t2i(model, _dataset(spec.t2i, "evaluation.t2i"), spec.guidance_scale, t2i_sampling,
-                                    Path(run_dir) / "eval", spec.component_scale, spec.negative_prompts))
-    atomic_write_text(Path(run_dir) / "eval.json", json.dumps(results, indent=2))
+                                    out_dir, spec.component_scale, spec.negative_prompts))
+    return results
+
+
+def run_evaluation(model, spec: EvaluationSpec, run_dir: Path, console: Console, device=None) -> dict:
+    """Evaluate ``model``, then each of ``spec.models`` (model directories, relative to ``run_dir``, loaded onto
+    ``device``); eval.json holds the model's results and, under each name, that model's. Returns the numbers,
+    the further models' prefixed by their names."""
+    from .model.unified import load
+
+    run_dir = Path(run_dir)
+    results = _evaluate(model, spec, run_dir / "eval")
+    others: dict[str, dict] = {}
+    for name, path in spec.models.items():
+        directory = run_dir / path
+        try:
+            other = load(directory, device=device)
+        except OmnicoreError as exc:
+            raise OmnicoreError(f"evaluation.models.{name}: {exc}") from None
+        others[name] = _evaluate(other, spec, run_dir / "eval" / name)
+    atomic_write_text(run_dir / "eval.json", json.dumps({**results, **others}, indent=2))
+    columns = {"model": results, **others}
     table = Table(title="evaluation (held out)")
     table.add_column("metric")
-    table.add_column("value")
+    for column in columns:
+        table.add_column(column)
     for k, v in results.items():
         if isinstance(v, (int, float)):
-            table.add_row(k, f"{v:.3f}" if isinstance(v, float) else str(v))
+            cells = [columns[c].get(k) for c in columns]
+            table.add_row(k, *("" if x is None else f"{x:.3f}" if isinstance(x, float) else str(x) for x in cells))
     console.print(table)
-    return {k: v for k, v in results.items() if isinstance(v, (int, float))}
+    numbers = {k: v for k, v in results.items() if isinstance(v, (int, float))}
+    for name, other in others.items():
+        numbers.update({f"{name}_{k}": v for k, v in other.items() if isinstance(v, (int, float))})
+    return numbers

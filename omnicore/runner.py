@@ -1,11 +1,14 @@
 """``omni recipe run``: a run directory, the recipe's stages in order, evaluation, inference.
 
 A run directory holds recipe.yaml (resolved), metrics.jsonl, checkpoints/, model/ (the final model,
-loadable with ``omnicore.load``), eval.json and outputs/. The last line printed names the final model.
+loadable with ``omnicore.load``), eval.json and outputs/; distillation runs also teacher/ (the teacher their
+students were seeded from) and the model directories stages name with ``save_model``. The last line printed names
+the final model.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -142,6 +145,7 @@ def run_recipe(ref: str, overrides: list[str], *, run_dir: Path | None = None, r
     from .model.unified import build_from_spec, load
     from .training.distributed import init_distributed
     from .training.metrics import MetricsWriter
+    from .distill.stages import run_distill_stage
     from .training.trainer import (RunContext, restore_process_rng, run_contrastive_stage, run_unified_stage,
                                    run_vqgan_stage)
 
@@ -157,6 +161,11 @@ def run_recipe(ref: str, overrides: list[str], *, run_dir: Path | None = None, r
             raise OmnicoreError(f"{loaded.where(('stages', recipe.stages.index(stage), 'init_from'))}: "
                                 f"stages.{stage.name}.init_from: {stage.init_from}: no checkpoint, model directory or "
                                 "weights file there")
+    for stage in recipe.stages:
+        teacher = stage.distill.teacher if stage.distill is not None else None
+        if teacher and not (Path(teacher) / "config.json").is_file():
+            raise OmnicoreError(f"{loaded.where(('stages', recipe.stages.index(stage), 'distill', 'teacher'))}: "
+                                f"stages.{stage.name}.distill.teacher: {teacher}: not a model directory")
     if recipe.inference is not None:  # its input files are read now: a bad one is refused before anything runs
         from .generation.recipe_inference import read_inputs
 
@@ -191,10 +200,16 @@ def run_recipe(ref: str, overrides: list[str], *, run_dir: Path | None = None, r
             resume_state = None
             if ckpt is not None:
                 state, resume_state = load_checkpoint(ckpt)
+                saved_spec = resume_state.get("model_spec")
+                if saved_spec is not None and json.loads(saved_spec) != model.config.get("model"):
+                    model = build_from_spec(json.loads(saved_spec)).to(dev)  # a distilled student by now
                 model.load_state_dict(state, strict=True)
                 console.print(f"resuming from {ckpt} (stage {resume_state['stage']}, step {resume_state['step']})")
                 if resume_state["done"]:  # the next stage draws from the random streams where that stage left them
                     restore_process_rng(resume_state, dist_info)
+                    done_stage = recipe.stages[resume_state["stage_index"]]
+                    if done_stage.save_model and dist_info.is_main and not (run_dir / done_stage.save_model).is_dir():
+                        model.save(run_dir / done_stage.save_model)  # killed between its checkpoint and this
             for i, stage in enumerate(recipe.stages):
                 this_resume = None
                 if resume_state is not None:
@@ -206,9 +221,14 @@ def run_recipe(ref: str, overrides: list[str], *, run_dir: Path | None = None, r
                     _load_init_weights(model, stage.init_from, f"stages.{stage.name}.init_from")
                 if stage.seed is not None:
                     seed_everything(stage.seed)
-                runner = {"vqgan": run_vqgan_stage, "contrastive": run_contrastive_stage}.get(stage.kind,
-                                                                                             run_unified_stage)
-                runner(model, stage, i, ctx, resume=this_resume)
+                runner = {"vqgan": run_vqgan_stage, "contrastive": run_contrastive_stage,
+                          "distill_layerwise": run_distill_stage, "distill_e2e": run_distill_stage}.get(
+                    stage.kind, run_unified_stage)
+                result = runner(model, stage, i, ctx, resume=this_resume)
+                if stage.kind.startswith("distill_"):
+                    model = result  # a student from here on
+                if stage.save_model and dist_info.is_main:
+                    model.save(run_dir / stage.save_model)
             if dist_info.is_main:
                 model.save(final_dir)
         if recipe.evaluation is not None and dist_info.is_main:
@@ -216,7 +236,7 @@ def run_recipe(ref: str, overrides: list[str], *, run_dir: Path | None = None, r
 
             if model is None:
                 raise OmnicoreError("evaluation needs a model: add stages, or use inference.model")
-            results = run_evaluation(model, recipe.evaluation, run_dir, console)
+            results = run_evaluation(model, recipe.evaluation, run_dir, console, device=dev)
             metrics.log({"event": "evaluation", **results})
         if recipe.inference is not None and dist_info.is_main:
             from .generation.recipe_inference import run_inference

@@ -20,19 +20,26 @@ def seed(teacher_layer: Any, mixer: str = "mmmamba", **options: Any):
     option, a mixer that cannot be seeded, or a layer it cannot map."""
     import torch
 
-    component = get_component("mixer", mixer)
-    fn = component.metadata.get("seed")
-    if not callable(fn):
-        raise ParamError(f"distill.seed: mixer {mixer!r} ({component.package}) registers no seed constructor")
+    fn = check_seed_options(mixer, options)
     if not isinstance(teacher_layer, torch.nn.Module):
         raise ParamError(f"distill.seed: teacher_layer must be a torch module (an attention layer); got "
                          f"{type(teacher_layer).__name__}")
-    checker = Component("mixer seed", mixer, fn, component.plugin, component.package, component.version)
-    layer_param = next(iter(inspect.signature(fn).parameters))  # supplied here, not by the caller
-    checker.check_params(options, allow_missing={layer_param})
     try:
         return fn(teacher_layer, **options)
     except ValueError as exc:
         if isinstance(exc, OmnicoreError):
             raise
         raise ParamError(f"distill.seed (mixer {mixer!r}): {exc}") from exc
+
+
+def check_seed_options(mixer: str, options: dict[str, Any]):
+    """The ``mixer`` kind's seed callable, after checking ``options`` against its signature (ParamError, one line,
+    for an unknown mixer, one that cannot be seeded, or an unknown or mistyped option)."""
+    component = get_component("mixer", mixer)
+    fn = component.metadata.get("seed")
+    if not callable(fn):
+        raise ParamError(f"distill.seed: mixer {mixer!r} ({component.package}) registers no seed constructor")
+    checker = Component("mixer seed", mixer, fn, component.plugin, component.package, component.version)
+    layer_param = next(iter(inspect.signature(fn).parameters))  # supplied by the caller of the seed, not options
+    checker.check_params(options, allow_missing={layer_param})
+    return fn

@@ -108,8 +108,9 @@ class UnifiedModel(nn.Module):
         """``[head, image, tail, text]`` embedded (the MMU layout's head and tail: OmniMamba's
         ``<|mmu|>, <|soi|>`` / ``<|eoi|>, <|sot|>``, or a chat layout's); text-only rows get zeros as image."""
         dev = self.device
-        head = torch.tensor(self.layout.mmu_head_ids, device=dev).expand(batch_size, -1)
-        tail = torch.tensor(self.layout.mmu_tail_ids, device=dev).expand(batch_size, -1)
+        # long even when empty (a text-only chat layout has no tail)
+        head = torch.tensor(self.layout.mmu_head_ids, dtype=torch.long, device=dev).expand(batch_size, -1)
+        tail = torch.tensor(self.layout.mmu_tail_ids, dtype=torch.long, device=dev).expand(batch_size, -1)
         parts = [self.text_embed(head)]
         if self.num_patches:
             if pixels is None:

@@ -107,21 +107,95 @@ class OptimizerSpec(Strict):
 
 
 class ScheduleSpec(Strict):
-    # cosine: linear warm-up, then cosine decay to min_lr_ratio * lr; constant: warm-up only
-    kind: Literal["cosine", "constant"] = "cosine"
+    # cosine: linear warm-up, then cosine decay to min_lr_ratio * lr; constant: warm-up only; wsd: warm-up, stable
+    # at lr, then a cosine decay to min_lr_ratio * lr over the last decay_steps
+    kind: Literal["cosine", "constant", "wsd"] = "cosine"
     warmup_steps: int = Field(0, ge=0)  # steps of linear warm-up from 0
     min_lr_ratio: float = Field(0.01, ge=0, le=1)  # the cosine's end as a fraction of lr
+    decay_steps: Optional[int] = Field(None, ge=0)  # wsd only: the final steps that decay (required with wsd)
+
+    @model_validator(mode="after")
+    def _wsd_decay(self) -> "ScheduleSpec":
+        if self.kind == "wsd" and self.decay_steps is None:
+            raise ValueError("schedule kind wsd needs decay_steps (the final steps that decay)")
+        if self.kind != "wsd" and self.decay_steps is not None:
+            raise ValueError(f"decay_steps is for schedule kind wsd, not {self.kind}")
+        return self
+
+
+# the mixer parameters a distillation stage can train (mmMamba's names)
+MIXER_PARAMS = ("q_proj", "k_proj", "v_proj", "o_proj", "conv1d", "in_proj", "g_proj", "g_norm", "dt_bias",
+                "A_log_bias")
+MixerParam = Literal["q_proj", "k_proj", "v_proj", "o_proj", "conv1d", "in_proj", "g_proj", "g_norm", "dt_bias",
+                     "A_log_bias"]
+# mmMamba's stage 1 (the parameters seeding creates) and stage 3 (the projections, not dt_bias, A_log_bias, o_proj)
+LAYERWISE_PARAMS = ("conv1d", "in_proj", "g_proj", "g_norm", "dt_bias", "A_log_bias")
+E2E_PARAMS = ("q_proj", "k_proj", "v_proj", "conv1d", "in_proj", "g_proj", "g_norm")
+
+
+class StudentSpec(Strict):
+    """A new student: the teacher's backbone with every attention layer outside ``hybrid`` seeded into a mixer."""
+
+    mixer: str = "mmmamba"  # a registered mixer kind that can be seeded (`omni plugins`)
+    hybrid: list[int] = Field(default_factory=list)  # layer indices that keep the teacher's attention, frozen
+    # the mixer's seed options (mmmamba: conv_width, chunk_size, dt_min, dt_max, dt_init_floor, A_log_init,
+    # gate_gain, kernel)
+    mixer_options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("hybrid")
+    @classmethod
+    def _indices(cls, hybrid: list[int]) -> list[int]:
+        if any(i < 0 for i in hybrid) or len(set(hybrid)) != len(hybrid):
+            raise ValueError(f"hybrid: layer indices must be distinct and >= 0 (got {hybrid})")
+        return hybrid
+
+    @model_validator(mode="after")
+    def _seedable(self) -> "StudentSpec":
+        from ..distill.seeding import check_seed_options
+        from ..errors import OmnicoreError
+
+        if "generator" in self.mixer_options or "layer_idx" in self.mixer_options:
+            raise ValueError("mixer_options: generator and layer_idx are set by the student, not the recipe")
+        try:
+            check_seed_options(self.mixer, self.mixer_options)
+        except OmnicoreError as exc:  # pydantic reports ValueErrors as field errors
+            raise ValueError(str(exc)) from None
+        return self
+
+
+class DistillSpec(Strict):
+    """What a distill_layerwise / distill_e2e stage distils from and into."""
+
+    # the teacher: a model directory (backbone type transformer); None: for a new student made from the run's model,
+    # that model (saved as the run directory's teacher/), else the teacher the latest student was made from
+    teacher: Optional[str] = None
+    # start a new student from the teacher here (seeded); None: continue the student the previous stage left
+    student: Optional[StudentSpec] = None
+    # mixer parameters to train in every mixer layer; None: layerwise trains the new ones (conv1d, in_proj, g_proj,
+    # g_norm, dt_bias, A_log_bias: mmMamba's stage 1; add q_proj, k_proj, v_proj for its stage 2), e2e the
+    # projections (q_proj, k_proj, v_proj, conv1d, in_proj, g_proj, g_norm: its stage 3)
+    train_params: Optional[list[MixerParam]] = None
+    loss_scale: float = Field(1000.0, gt=0)  # distill_layerwise: the per-layer MSE's multiplier
+    temperature: float = Field(1.0, gt=0)  # distill_e2e: softmax temperature of both distributions
+
+    def trained(self, kind: str) -> tuple[str, ...]:
+        if self.train_params is not None:
+            return tuple(dict.fromkeys(self.train_params))
+        return LAYERWISE_PARAMS if kind == "distill_layerwise" else E2E_PARAMS
 
 
 class StageSpec(Strict):
     name: str  # unique; names checkpoints and overrides (stages.<name>.steps=10)
     # unified: the model's tasks; vqgan: the image tokenizer; contrastive: the encoder, SigLIP-style, against the
-    # caption tower heads.contrastive
-    kind: Literal["unified", "vqgan", "contrastive"] = "unified"
+    # caption tower heads.contrastive; distill_layerwise: a student's mixers against the teacher's attention, layer by
+    # layer on the teacher's hidden states; distill_e2e: the student's answer distributions against the teacher's
+    kind: Literal["unified", "vqgan", "contrastive", "distill_layerwise", "distill_e2e"] = "unified"
     # unified stages: mmu and/or t2i, one forward each with its own adapter
     tasks: dict[str, TaskSpec] = Field(default_factory=dict)
-    data: Optional[DataSpec] = None  # for kinds vqgan (images) and contrastive (images with captions)
-    batch_size: Optional[int] = Field(None, gt=0)  # for kinds vqgan and contrastive
+    # for kinds vqgan (images), contrastive (images with captions) and distill_* (MMU samples)
+    data: Optional[DataSpec] = None
+    batch_size: Optional[int] = Field(None, gt=0)  # for kinds vqgan, contrastive and distill_*
+    distill: Optional[DistillSpec] = None  # for kinds distill_*: teacher, student, what trains, loss options
     train: TrainSpec = Field(default_factory=TrainSpec)  # what the stage unfreezes; everything else is frozen
     optimizer: OptimizerSpec  # AdamW settings
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)  # learning-rate schedule over the stage's steps
@@ -144,6 +218,8 @@ class StageSpec(Strict):
     log_every: int = Field(10, gt=0)  # steps between metrics.jsonl records
     init_from: Optional[str] = None  # a checkpoint or model directory to start from
     seed: Optional[int] = None  # reseed before this stage (null: continue the run's random streams)
+    # also write the model as this stage leaves it as a model directory of this name in the run directory
+    save_model: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
     @model_validator(mode="after")
     def _check_kind(self) -> "StageSpec":
@@ -156,7 +232,29 @@ class StageSpec(Strict):
         else:
             if self.data is None or self.batch_size is None:
                 raise ValueError(f"a {self.kind} stage needs 'data' and 'batch_size'")
+        if self.schedule.kind == "wsd" and self.schedule.warmup_steps + self.schedule.decay_steps > self.steps:
+            raise ValueError(f"schedule: warmup_steps {self.schedule.warmup_steps} + decay_steps "
+                             f"{self.schedule.decay_steps} exceed the stage's {self.steps} steps")
+        if self.kind.startswith("distill_"):
+            self._check_distill()
+        elif self.distill is not None:
+            raise ValueError(f"'distill' is for kinds distill_layerwise and distill_e2e, not {self.kind}")
         return self
+
+    def _check_distill(self) -> None:
+        """Options a distillation stage would not read are refused, not ignored."""
+        if self.distill is None:
+            self.distill = DistillSpec()
+        given = self.model_fields_set
+        unread = [name for name in ("tasks", "train", "caption_dropout", "cache_codes")
+                  + (("gradient_checkpointing",) if self.kind == "distill_layerwise" else ()) if name in given]
+        if unread:
+            raise ValueError(f"a {self.kind} stage does not take {unread[0]!r} (what it trains is "
+                             "distill.train_params; its data is 'data')")
+        wrong = "temperature" if self.kind == "distill_layerwise" else "loss_scale"
+        if wrong in self.distill.model_fields_set:
+            raise ValueError(f"distill.{wrong} is for "
+                             f"{'distill_e2e' if wrong == 'temperature' else 'distill_layerwise'} stages")
 
 
 class SamplingSpec(Strict):
@@ -220,6 +318,9 @@ class EvaluationSpec(Strict):
     # synthetic shapes give the caption without its colour) instead of the unconditional prompt; the
     # plain-guidance figures are reported too (t2i_plain_*)
     negative_prompts: bool = False
+    # further model directories evaluated the same way, by name (relative: to the run directory), e.g. a distilled
+    # student's teacher: eval.json holds their results under their names
+    models: dict[str, str] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _components_need_t2i(self) -> "EvaluationSpec":

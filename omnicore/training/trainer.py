@@ -1,4 +1,5 @@
-"""Running training stages: unified (MMU/T2I with task adapters) and vqgan (the image tokenizer).
+"""Running training stages: unified (MMU/T2I with task adapters), vqgan (the image tokenizer) and contrastive (the
+encoder); the distillation stages (omnicore.distill.stages) share this step loop and checkpoints.
 
 Each stage: freeze all but what it lists, AdamW with warm-up + cosine, gradient clipping and accumulation,
 bf16 autocast on GPU (fp32 on CPU), periodic atomic checkpoints with optimizer, RNG and data position, and
@@ -8,6 +9,7 @@ optionally (``ema``) an exponential moving average of the trained weights that r
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import random
 import time
@@ -45,6 +47,7 @@ class RunContext:
     metrics: MetricsWriter
     dist: DistInfo = field(default_factory=DistInfo)
     stop_after_step: int | None = None  # tests: simulate a kill after this global step
+    teachers: dict[str, Any] = field(default_factory=dict)  # distillation teachers loaded so far, by directory
 
     @property
     def checkpoint_root(self) -> Path:
@@ -147,7 +150,7 @@ def _run_loop(*, stage: StageSpec, stage_index: int, ctx: RunContext, model: tor
         t0 = time.time()
         for step in range(start_step, stage.steps):
             factor = lr_factor(step, stage.steps, stage.schedule.warmup_steps, stage.schedule.min_lr_ratio,
-                               stage.schedule.kind)
+                               stage.schedule.kind, stage.schedule.decay_steps)
             for g, base in zip(optimizer.param_groups, base_lrs):
                 g["lr"] = base * factor
             losses = step_fn(step)
@@ -192,6 +195,9 @@ def _checkpoint(ctx: RunContext, model, plain, stage: StageSpec, stage_index: in
                          "optimizer": optim, "rng": rngs[0], "rng_by_rank": rngs, "data_positions": positions}
         if ema_state is not None:  # mid-stage: the model state holds the raw weights, this their average
             trainer_state["ema"] = ema_state
+        spec = (getattr(plain, "config", None) or {}).get("model")
+        if spec is not None:  # a distillation stage changes the model's architecture: a resumed run rebuilds this one
+            trainer_state["model_spec"] = json.dumps(spec)
         save_checkpoint(ctx.checkpoint_root, f"{stage_index:02d}-{stage.name}-step{step:07d}", state, trainer_state)
     barrier(ctx.dist)
 

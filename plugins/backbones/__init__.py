@@ -1,5 +1,7 @@
 """Built-in backbones: ``mamba2`` (pure PyTorch Mamba-2 with mamba_ssm's layout; hybrid attention optional; its
-mixers Mamba-2's or mmMamba's). Built-in mixers: ``mmmamba`` (seeded from an attention layer)."""
+mixers Mamba-2's or mmMamba's), ``transformer`` (transformers' decoder layers) and ``student`` (a transformer stack
+distilled into mmMamba mixers, some layers kept as attention). Built-in mixers: ``mmmamba`` (seeded from an
+attention layer)."""
 
 from __future__ import annotations
 
@@ -131,6 +133,26 @@ def register_backbones(register):
              "task LoRA on in_proj; optional attention layers)")
     register("transformer", build_transformer, description="decoder-only Transformer (transformers' Llama / Qwen2 "
              "layers, InternLM2 on Llama's) from a local Hugging Face directory or parameters")
+    register("student", build_student, from_teacher=student_from_teacher,
+             description="a transformer backbone distilled into seeded mmMamba mixers (hybrid: layers that keep "
+             "the teacher's attention)")
+
+
+def build_student(teacher: dict[str, Any], hybrid: list[int] = [], mixer: str = "mmmamba",
+                  mixer_options: dict[str, Any] = {}):
+    """A distilled student of a ``transformer`` backbone (``teacher``: its params): attention layers outside
+    ``hybrid`` (layer indices) become seeded ``mixer`` layers (mmMamba's; ``mixer_options``: its seed options)."""
+    from .transformer.student import build_student as build
+
+    return build(teacher, list(hybrid), mixer, dict(mixer_options))
+
+
+def student_from_teacher(teacher: Any, hybrid: list[int] = [], mixer: str = "mmmamba",
+                         mixer_options: Optional[dict[str, Any]] = None, generator: Optional[Any] = None):
+    """A student backbone seeded from a live ``transformer`` backbone (omnicore.distill.make_student calls it)."""
+    from .transformer.student import StudentBackbone
+
+    return StudentBackbone.from_teacher(teacher, hybrid, mixer, mixer_options, generator)
 
 
 @hookimpl
@@ -141,3 +163,10 @@ def register_heads(register):
 @hookimpl
 def register_mmu_layouts(register):
     register("internvl", internvl_layout)
+
+
+@hookimpl
+def register_commands(app):
+    from .transformer.commands import add_commands
+
+    add_commands(app)

@@ -24,9 +24,9 @@ def _positive(label: str, **values: int | None) -> None:
 class TextVocab(nn.Module):
     """Text embedding ``(vocab_size, d_model)``; the text head is tied to it: ``logits = h @ E^T``."""
 
-    def __init__(self, vocab_size: int, d_model: int, init_std: float = 0.02) -> None:
+    def __init__(self, vocab_size: int, d_model: int, init_std: float = 0.02, label: str = "head text_vocab") -> None:
         super().__init__()
-        _positive("head text_vocab", vocab_size=vocab_size, d_model=d_model)
+        _positive(label, vocab_size=vocab_size, d_model=d_model)
         self.vocab_size, self.d_model = vocab_size, d_model
         self.embedding = nn.Embedding(vocab_size, d_model)
         nn.init.normal_(self.embedding.weight, std=init_std)

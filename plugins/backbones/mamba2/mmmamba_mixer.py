@@ -165,11 +165,14 @@ class MMambaMixer(nn.Module):
     def _A(self) -> torch.Tensor:
         return -torch.exp(_up(self.A_log_bias))
 
-    def _out(self, y: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        """y (..., heads, head_dim): per-head RMSNorm, then the gate silu(g_proj(u)), then o_proj."""
+    def _gated(self, y: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """y (..., heads, head_dim): per-head RMSNorm, then the gate silu(g_proj(u)); heads concatenated."""
         gate = F.silu(self.g_proj(u))
-        y = self.g_norm(y).reshape(*y.shape[:-2], self.d_inner) * gate.to(self.g_norm.weight.dtype)
-        return self.o_proj(y.to(self.o_proj.weight.dtype))
+        return self.g_norm(y).reshape(*y.shape[:-2], self.d_inner) * gate.to(self.g_norm.weight.dtype)
+
+    def _out(self, y: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """The gated heads (``_gated``) through o_proj."""
+        return self.o_proj(self._gated(y, u).to(self.o_proj.weight.dtype))
 
     def allocate_cache(self, batch_size: int, dtype=None, device=None) -> MambaCache:
         device = device or self.o_proj.weight.device
@@ -190,7 +193,15 @@ class MMambaMixer(nn.Module):
             raise ValueError("MMambaMixer has no task adapters: in_proj_weight must be None")
         if cache is not None and u.shape[1] == 1:
             return self.step(u, cache, None if mask is None else mask[:, 0], use_kernels)
-        b, l, _ = u.shape
+        return self._out(self._scan(u, cache, mask), u)
+
+    def heads(self, u: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The output before o_proj over a whole sequence (no cache): ``(B, L, heads * head_dim)``, the gated,
+        normalised heads that layerwise distillation compares with the teacher attention's heads."""
+        return self._gated(self._scan(u, None, mask), u)
+
+    def _scan(self, u: torch.Tensor, cache: MambaCache | None, mask: torch.Tensor | None) -> torch.Tensor:
+        """Projections, conv and the chunked scan of a sequence: y (B, L, heads, head_dim)."""
         fast = kernels.use_fast(self.kernel, u)
         vkq, dt = self._vkq(u), self._dt(u)
         m = None if mask is None else mask[..., None].to(vkq.dtype)
@@ -211,7 +222,7 @@ class MMambaMixer(nn.Module):
         if cache is not None:
             cache.ssm_state.copy_(final.detach())
             cache.empty = False
-        return self._out(y, u)
+        return y
 
     def step(self, u: torch.Tensor, cache: MambaCache, mask: torch.Tensor | None = None,
              use_kernels: bool | None = None) -> torch.Tensor:

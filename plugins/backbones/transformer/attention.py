@@ -10,50 +10,15 @@ caching is omnicore's. A hybrid stack that keeps some teacher layers as attentio
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
-from .state import KVCache, TransformerState
+from ..mamba2.attention import AttnContext
+from .state import KVCache
 
 
-@dataclass
-class AttentionContext:
-    positions: torch.Tensor  # (B, L) RoPE positions: real tokens before each one
-    mask: torch.Tensor | None  # (B, 1, L, K) bool, True = attend; None = plain causal over the input alone
-    cols: torch.Tensor | None = None  # (L,) cache columns this call writes
-    kv_len: int | None = None  # cache columns read: [:kv_len] (None: all, the graph-safe one-token step)
-
-    @staticmethod
-    def build(batch: int, length: int, device, mask: torch.Tensor | None, state: TransformerState | None,
-              step: bool) -> "AttentionContext":
-        """``mask`` (B, L) marks real tokens (left padding is False); ``step``: a one-token step on ``state``
-        with static shapes (the offset read from its tensor, no host sync)."""
-        steps = torch.arange(length, device=device)
-        real = mask.long() if mask is not None else torch.ones(batch, length, dtype=torch.long, device=device)
-        positions = (real.cumsum(1) - 1).clamp(min=0)
-        if state is None:
-            if mask is None:
-                return AttentionContext(positions, None)
-            causal = steps[None, :] <= steps[:, None]
-            # a padding row attends to itself only, so its softmax has a term (its output is never read)
-            allowed = (mask[:, None, None, :] & causal) | torch.eye(length, dtype=torch.bool, device=device)
-            return AttentionContext(positions, allowed)
-        if step:
-            kv_len, keys = None, torch.arange(state.max_seqlen, device=device)
-        else:
-            kv_len = state.seqlen_offset + length
-            if kv_len > state.max_seqlen:
-                raise ValueError(f"sequence of {kv_len} tokens exceeds the state's max_seqlen {state.max_seqlen}")
-            keys = torch.arange(kv_len, device=device)
-        positions = positions + state.positions[:, None]
-        cols = state.offset + steps
-        written = mask if mask is not None else torch.ones(batch, length, dtype=torch.bool, device=device)
-        state.kv_valid.index_copy_(1, cols, written)
-        valid = state.kv_valid[:, None, None, : keys.shape[0]]
-        allowed = (valid & (keys[None, :] <= cols[:, None])) | (keys[None, :] == cols[:, None])
-        return AttentionContext(positions, allowed, cols, kv_len)
+# the mask, positions and cache columns of one forward are the hybrid Mamba-2 stacks' (same static KV cache layout)
+AttentionContext = AttnContext
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -82,7 +47,7 @@ def attention_heads(attn, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tenso
     groups = q.shape[1] // k.shape[1]
     if groups > 1:  # query head h reads kv head h // groups (transformers' repeat_kv)
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, is_causal=ctx.mask is None and l > 1,
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.attn_mask, is_causal=ctx.attn_mask is None and l > 1,
                                          scale=attn.scaling)
     return out.transpose(1, 2).reshape(b, l, -1)
 

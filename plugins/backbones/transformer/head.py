@@ -7,36 +7,24 @@ keep a separate output matrix, which this head holds so their weights load uncha
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from omnicore.errors import OmnicoreError
+from ...heads.vocab import TextVocab
 
 
-class TextLMHead(nn.Module):
-    """Embedding ``(vocab_size, d_model)`` plus ``lm_head`` ``(vocab_size, d_model)`` (no bias); ``tied`` scores
-    against the embedding instead (no second table)."""
+class TextLMHead(TextVocab):
+    """``text_vocab``'s embedding ``(vocab_size, d_model)`` plus ``lm_head`` ``(vocab_size, d_model)`` (no bias);
+    ``tied`` scores against the embedding instead (no second table)."""
 
     def __init__(self, vocab_size: int, d_model: int, tied: bool = False, init_std: float = 0.02) -> None:
-        super().__init__()
-        if vocab_size < 1 or d_model < 1:
-            raise OmnicoreError(f"head text_lm: vocab_size and d_model must be >= 1 (got {vocab_size}, {d_model})")
-        self.vocab_size, self.d_model = vocab_size, d_model
-        self.embedding = nn.Embedding(vocab_size, d_model)
-        nn.init.normal_(self.embedding.weight, std=init_std)
+        super().__init__(vocab_size, d_model, init_std, label="head text_lm")
         self.lm_head = None
         if not tied:
             self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
             nn.init.normal_(self.lm_head.weight, std=init_std)
 
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.embedding.weight
-
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.embedding(ids)
-
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embedding.weight if self.lm_head is None else self.lm_head.weight
-        return nn.functional.linear(hidden, weight.to(hidden.dtype))
-
-    forward = embed
+        if self.lm_head is None:
+            return super().logits(hidden)
+        return F.linear(hidden, self.lm_head.weight.to(hidden.dtype))
