@@ -361,12 +361,19 @@ async def _stream_chat(service: Service, req, job: TextJob, events: _Events, ans
         first = None
         while not all(a.done for a in answers):
             event = await events.next()
+            batch = [event]
+            # a stream behind the decoder (a busy host) sends what is waiting as one chunk per answer, not one a token
+            while event[0] == "tokens" and not events.queue.empty():
+                event = events.queue.get_nowait()
+                batch.append(event)
+            deltas = [""] * len(answers)
             try:
-                deltas = _apply(event, answers)
+                for queued in batch:
+                    deltas = [d + new for d, new in zip(deltas, _apply(queued, answers))]
             except RequestError as exc:
                 yield f"data: {json.dumps(exc.body())}\n\n"
                 return
-            if event[0] == "tokens" and first is None:
+            if batch[0][0] == "tokens" and first is None:
                 first = time.perf_counter()
                 metrics.first_token.observe(first - t0)
             parts = []
