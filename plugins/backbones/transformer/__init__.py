@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any, Literal, Optional
 
 # the modules below import torch and transformers: loaded on first use, so registering the plugin stays cheap
-_LAZY = {"TransformerBackbone": "backbone", "TransformerState": "state", "KVCache": "state",
+_LAZY = {"TransformerBackbone": "backbone", "InferenceState": "state", "KVCache": "state",
          "AttentionContext": "attention", "attention_heads": "attention", "decoder_layer": "attention",
          "TextLMHead": "head", "is_hf_decoder_dir": "hf_config", "load_hf_directory": "weights",
          "pack_internlm2_qkv": "weights", "unpack_internlm2_qkv": "weights"}

@@ -20,7 +20,7 @@ from torch import nn
 
 from .attention import AttentionContext, decoder_layer
 from .hf_config import describe
-from .state import TransformerState, allocate_kv
+from .state import InferenceState, allocate_kv
 
 
 def _modules(config):
@@ -66,13 +66,13 @@ class TransformerBackbone(nn.Module):
 
     # ---- inference state --------------------------------------------------------------------------
     def allocate_inference_state(self, batch_size: int, max_seqlen: int, dtype: torch.dtype | None = None,
-                                 device: torch.device | str | None = None) -> TransformerState:
+                                 device: torch.device | str | None = None) -> InferenceState:
         device = torch.device(device) if device is not None else self.norm.weight.device
         caches = [allocate_kv(layer.self_attn, batch_size, max_seqlen, dtype, device) for layer in self.layers]
-        return TransformerState(caches, batch_size, max_seqlen, device)
+        return InferenceState(caches, batch_size, max_seqlen, device)
 
     # ---- forward ----------------------------------------------------------------------------------
-    def forward(self, inputs_embeds: torch.Tensor, task: str | None = None, state: TransformerState | None = None,
+    def forward(self, inputs_embeds: torch.Tensor, task: str | None = None, state: InferenceState | None = None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         """``task`` is accepted for the model's interface; this stack has no task adapters."""
         b, l, _ = inputs_embeds.shape

@@ -24,43 +24,8 @@ from torch import nn
 
 from omnicore.errors import ParamError
 
-from ..mamba2.state import MambaCache
 from .attention import AttentionContext, attention_heads, decoder_layer
-from .state import TransformerState, allocate_kv
-
-
-class StudentState(TransformerState):
-    """Per layer a ``MambaCache`` (mixer layers) or a ``KVCache`` (attention layers), plus TransformerState's
-    shared ``offset``, ``positions`` and ``kv_valid``."""
-
-    def tensors(self) -> list[torch.Tensor]:
-        out = [self.offset, self.positions, self.kv_valid]
-        for c in self.layers:
-            out += [c.conv_state, c.ssm_state] if isinstance(c, MambaCache) else [c.k, c.v]
-        return out
-
-    def reset(self) -> None:
-        super().reset()
-        self.mark_empty()
-
-    def _mark(self, empty: bool) -> None:
-        for c in self.layers:
-            if isinstance(c, MambaCache):
-                c.empty = empty
-
-    def mark_empty(self) -> None:
-        self._mark(True)
-
-    def mark_written(self) -> None:
-        self._mark(False)
-
-    def restore(self, snapshot: list[torch.Tensor]) -> None:
-        super().restore(snapshot)
-        self.mark_written()
-
-    def __repr__(self) -> str:
-        kinds = "".join("M" if isinstance(c, MambaCache) else "A" for c in self.layers)
-        return f"StudentState(batch={self.batch_size}, max_seqlen={self.max_seqlen}, layers={kinds!r})"
+from .state import InferenceState, allocate_kv
 
 
 def _check_hybrid(hybrid, n_layer: int) -> list[int]:
@@ -120,19 +85,19 @@ class StudentBackbone(nn.Module):
 
     # ---- inference state --------------------------------------------------------------------------
     def allocate_inference_state(self, batch_size: int, max_seqlen: int, dtype: torch.dtype | None = None,
-                                 device: torch.device | str | None = None) -> StudentState:
+                                 device: torch.device | str | None = None) -> InferenceState:
         device = torch.device(device) if device is not None else self.norm.weight.device
         caches = [layer.self_attn.allocate_cache(batch_size, dtype=dtype, device=device) if self.is_mixer(i)
                   else allocate_kv(layer.self_attn, batch_size, max_seqlen, dtype, device)
                   for i, layer in enumerate(self.layers)]
-        return StudentState(caches, batch_size, max_seqlen, device)
+        return InferenceState(caches, batch_size, max_seqlen, device)
 
     # ---- forward ----------------------------------------------------------------------------------
     def _mixer_layer(self, layer, h: torch.Tensor, cache, mask: torch.Tensor | None) -> torch.Tensor:
         h = h + layer.self_attn(layer.input_layernorm(h), cache=cache, mask=mask)
         return h + layer.mlp(layer.post_attention_layernorm(h))
 
-    def forward(self, inputs_embeds: torch.Tensor, task: str | None = None, state: StudentState | None = None,
+    def forward(self, inputs_embeds: torch.Tensor, task: str | None = None, state: InferenceState | None = None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         """As ``TransformerBackbone.forward``: final normalised hidden states; with a ``state`` a prefill (L > 1)
         or a one-token step, caches updated in place. ``task`` is accepted for the model's interface."""
