@@ -23,7 +23,7 @@ def add_commands(app) -> None:
                         tokenizer: Optional[Path] = typer.Option(None, "--tokenizer",
                                                                  help="tokenizer.json or its folder (default: the "
                                                                       "release's own).")) -> None:
-        """Convert a released mmMamba checkpoint into a model directory (its language model: text questions)."""
+        """Convert a released mmMamba checkpoint into a model directory (HoVLE's image embedding and all its layers)."""
         from .mmmamba_import import convert_mmmamba as convert_release
 
         if out.exists() and not out.is_dir():
