@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from omnicore.model.unified import build_from_spec
 from omnicore.recipe.schema import TrainSpec
 from omnicore.training.freeze import apply_trainable
+from omnicore.training.graphed_step import GraphCaptureError, GraphedTrainStep, capturable_adamw
 
 PEAK_TFLOPS = 989.0  # H100 / H200 SXM, dense bf16
 MMU_TEXT = 128
@@ -41,7 +42,7 @@ JOBS = {  # name -> (tasks with rows, train spec)
 }
 
 
-def omni_spec(tiny: bool) -> dict:
+def omni_spec(tiny: bool, fused_ops: list[str] | None = None) -> dict:
     backbone = {"size": "1.3b"} if not tiny else {"d_model": 64, "n_layer": 2, "d_state": 16, "headdim": 16,
                                                    "chunk_size": 16}
     encoder = {"type": "dinosiglip"} if not tiny else {
@@ -49,7 +50,7 @@ def omni_spec(tiny: bool) -> dict:
                                        "model_kwargs": {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}}}
     return {
         "text_tokenizer": {"type": "byte"},
-        "backbone": {"type": "mamba2", "params": {**backbone, "compile_decode": False,
+        "backbone": {"type": "mamba2", "params": {**backbone, "compile_decode": False, "fused_ops": fused_ops,
                                                    "lora": {"tasks": ["mmu", "t2i"], "r": 8, "alpha": 32,
                                                             "dropout": 0.0}}},
         "image_tokenizer": {"type": "vqgan", "params": {} if not tiny else {"preset": "tiny"}},
@@ -123,7 +124,14 @@ def llama(tiny: bool, device: str):
     return LlamaForCausalLM(cfg).to(device)
 
 
-def step_runner(model, params, loss_fn, device: str):
+def step_runner(model, params, loss_fn, device: str, graph: bool = False):
+    """One training step as a function: eager, or (``graph``) omnicore's GraphedTrainStep, which captures forward,
+    backward, clipping and the optimizer as one CUDA graph, as ``cuda_graph: true`` stages train."""
+    if graph:
+        optimizer = capturable_adamw(params, lr=1e-4, betas=(0.9, 0.95))
+        graphed = GraphedTrainStep(lambda _: {"loss": loss_fn()}, lambda losses: losses["loss"], params, optimizer,
+                                   1.0, autocast_dtype=torch.bfloat16)
+        return lambda: graphed.step([()])[0]["loss"]
     optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), fused=device == "cuda")
 
     def step():
@@ -138,15 +146,29 @@ def step_runner(model, params, loss_fn, device: str):
     return step
 
 
-def measure(step, tokens: int, steps: int, device: str) -> dict:
+def count_flops(loss_fn, params, device: str) -> float:
+    """Matmul FLOPs of one forward and backward (eager; the same work a graphed step replays)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    step()  # warm-up (autotuning, allocator)
     with FlopCounterMode(display=False) as counter:
-        step()
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            loss = loss_fn()
+        loss.backward()
+    for p in params:
+        p.grad = None
+    return counter.get_total_flops()
+
+
+def measure(step, tokens: int, steps: int, device: str, flops: float) -> dict:
+    """Peak memory counts from before the warm-up: a graphed step's activations are allocated while it is captured
+    (its replays allocate nothing), so a peak taken over the replays alone would leave them out."""
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    step()  # warm-up (autotuning, allocator; a graphed step captures here)
+    step()
+    if device == "cuda":
+        torch.cuda.synchronize()
     t = time.perf_counter()
     for _ in range(steps):
         step()
@@ -154,7 +176,6 @@ def measure(step, tokens: int, steps: int, device: str) -> dict:
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - t) / steps
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
-    flops = counter.get_total_flops()
     return {"tokens_per_s": tokens / seconds, "step_s": seconds, "mfu": flops / seconds / (PEAK_TFLOPS * 1e12),
             "peak_gib": peak}
 
@@ -219,31 +240,51 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="tiny widths: a smoke test of every path")
     ap.add_argument("--profile", action="store_true", help="also print each model's top GPU kernels (torch.profiler)")
+    ap.add_argument("--variants", default="eager,graph",
+                    help="omnicore's steps: eager, and/or graph (the whole step one CUDA graph, cuda_graph: true)")
+    ap.add_argument("--fused-ops", default="all",
+                    help="the backbone's Triton training kernels: all, none, or a list of add_norm, gated_norm, "
+                         "dt_softplus, lora (an ablation)")
     args = ap.parse_args()
     dev = args.device
     torch.backends.cuda.matmul.allow_tf32 = True
     if dev == "cuda":
         print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
     jobs = [j for j in args.jobs.split(",") if j]
+    variants = [v for v in args.variants.split(",") if v]
+    fused = {"all": None, "none": []}.get(args.fused_ops, [o for o in args.fused_ops.split(",") if o])
     for job in jobs:
         tasks, train = JOBS[job]
-        torch.manual_seed(0)
-        model = build_from_spec(omni_spec(args.tiny)).to(dev)
-        apply_trainable(model, model.roles(), train)
-        params = [p for p in model.parameters() if p.requires_grad]
-        model.train()
+        for variant in variants:
+            graph = variant == "graph"
+            if graph and dev != "cuda":
+                continue  # CUDA graphs need CUDA
+            torch.manual_seed(0)
+            model = build_from_spec(omni_spec(args.tiny, fused)).to(dev)
+            apply_trainable(model, model.roles(), train)
+            params = [p for p in model.parameters() if p.requires_grad]
+            model.train()
 
-        def make_step(rows, tasks=tasks, model=model, params=params):
-            batches, _ = omni_batches(model, scaled(tasks, rows), dev)
-            return step_runner(model, params, lambda: omni_loss(model, batches), dev)
+            def make_step(rows, tasks=tasks, model=model, params=params, graph=graph):
+                batches, _ = omni_batches(model, scaled(tasks, rows), dev)
+                return step_runner(model, params, lambda: omni_loss(model, batches), dev, graph)
 
-        batches, tokens = omni_batches(model, tasks, dev)
-        r = measure(step_runner(model, params, lambda: omni_loss(model, batches), dev), tokens, args.steps, dev)
-        fits = largest_batch(make_step, rows_of(tasks), dev) if args.max_batch and dev == "cuda" else None
-        report("omnicore 1.3B", job, r, fits)
-        if args.profile and dev == "cuda":
-            profile(step_runner(model, params, lambda: omni_loss(model, batches), dev), f"omnicore {job}")
-        del model, params, batches
+            batches, tokens = omni_batches(model, tasks, dev)
+            flops = count_flops(lambda: omni_loss(model, batches), params, dev)
+            try:
+                r = measure(step_runner(model, params, lambda: omni_loss(model, batches), dev, graph), tokens,
+                            args.steps, dev, flops)
+                fits = largest_batch(make_step, rows_of(tasks), dev) if args.max_batch and dev == "cuda" else None
+                report(f"omnicore 1.3B {variant}", job, r, fits)
+                if args.profile and dev == "cuda":
+                    profile(step_runner(model, params, lambda: omni_loss(model, batches), dev, graph),
+                            f"omnicore {variant} {job}")
+            except GraphCaptureError as exc:
+                print(f"omnicore 1.3B {variant:5s}        {job:12s} not captured: {exc}", flush=True)
+            del model, params, batches
+            gc.collect()
+            if dev == "cuda":
+                torch.cuda.empty_cache()
         gc.collect()
         if dev == "cuda":
             torch.cuda.empty_cache()
@@ -259,7 +300,9 @@ def main() -> None:
                 ids = torch.randint(0, 50000, (rows, length), device=dev)
                 return step_runner(base, params, lambda: lm_loss(base, ids), dev)
 
-            r = measure(base_step(rows_of(tasks)), rows_of(tasks) * length, args.steps, dev)
+            ids = torch.randint(0, 50000, (rows_of(tasks), length), device=dev)
+            r = measure(base_step(rows_of(tasks)), rows_of(tasks) * length, args.steps, dev,
+                        count_flops(lambda: lm_loss(base, ids), params, dev))
             fits = largest_batch(base_step, rows_of(tasks), dev) if args.max_batch and dev == "cuda" else None
             report(f"{name} 1.3B ({rows_of(tasks)}x{length})", job, r, fits)
             if args.profile and dev == "cuda":

@@ -125,3 +125,31 @@ def test_refused_targets(target):
     m = build_mamba2(size="tiny")
     with pytest.raises(ValueError, match="refused"):
         m.add_task_adapters(tasks=["mmu"], target_modules=(target,))
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_fused_lora_product_is_peft_forward_and_backward(training):
+    """lora_linear.fused_lora_linear (the CUDA training path's in_proj) computes peft's LoRA forward, gradients too."""
+    from omnicore.plugins.backbones.mamba2.lora_linear import fused_lora_linear
+
+    m = with_adapters(dropout=0.0)
+    m.train(training)
+    layer = m.layers[0].mixer.in_proj
+    from omnicore.plugins.backbones.mamba2 import lora
+
+    lora.activate([layer], "t2i")
+    x = torch.randn(2, 5, 64, dtype=F64, requires_grad=True)
+    outs, grads = [], []
+    for fn in (layer, lambda u: fused_lora_linear(layer, u)):
+        out = fn(x)
+        out.pow(2).sum().backward()
+        outs.append(out.detach())
+        grads.append([x.grad.clone()] + [p.grad.clone() for p in (layer.lora_A["t2i"].weight, layer.lora_B["t2i"].weight)])
+        x.grad = None
+        for p in layer.parameters():
+            p.grad = None
+    torch.testing.assert_close(outs[1], outs[0])
+    for a, b in zip(grads[1], grads[0]):
+        torch.testing.assert_close(a, b)
+    lora.activate([layer], None)  # no adapter active: not this path's to compute
+    assert fused_lora_linear(layer, x) is None

@@ -296,3 +296,13 @@ def test_training_learns(tmp_path):
     after = heldout_loss(omnicore.load(tmp_path / "run" / "model"))
     assert before > 0.95 * math.log(128)
     assert after < 0.7 * math.log(128), (before, after)
+
+
+def test_cuda_graph_stages_refuse_what_they_cannot_run(tmp_path):
+    """cuda_graph is read: on a CPU run it stops the stage with one line naming it; other stage kinds refuse it."""
+    r = omni("recipe", "run", "quickstart", *TINY, "stages.stage1_t2i.cuda_graph=true", "--run-dir",
+             str(tmp_path / "run"), "--device", "cpu")
+    assert r.returncode != 0
+    assert "stage 'stage1_t2i': cuda_graph needs a CUDA device (this run is on cpu)" in r.stderr
+    r = omni("recipe", "validate", "quickstart", "stages.tokenizer.cuda_graph=true")
+    assert r.returncode == 2 and "cuda_graph is for unified stages, not vqgan" in r.stderr

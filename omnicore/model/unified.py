@@ -108,9 +108,8 @@ class UnifiedModel(nn.Module):
         """``[head, image, tail, text]`` embedded (the MMU layout's head and tail: OmniMamba's
         ``<|mmu|>, <|soi|>`` / ``<|eoi|>, <|sot|>``, or a chat layout's); text-only rows get zeros as image."""
         dev = self.device
-        # long even when empty (a text-only chat layout has no tail)
-        head = torch.tensor(self.layout.mmu_head_ids, dtype=torch.long, device=dev).expand(batch_size, -1)
-        tail = torch.tensor(self.layout.mmu_tail_ids, dtype=torch.long, device=dev).expand(batch_size, -1)
+        head = self._layout_ids("mmu_head_ids", dev).expand(batch_size, -1)
+        tail = self._layout_ids("mmu_tail_ids", dev).expand(batch_size, -1)
         parts = [self.text_embed(head)]
         if self.num_patches:
             if pixels is None:
@@ -122,6 +121,17 @@ class UnifiedModel(nn.Module):
             parts.append(img.to(parts[0].dtype))
         parts += [self.text_embed(tail), self.text_embed(text_ids.to(dev))]
         return torch.cat(parts, dim=1)
+
+    def _layout_ids(self, name: str, device: torch.device) -> torch.Tensor:
+        """The layout's fixed ids as a long tensor on ``device`` (long even when empty: a text-only chat layout has no
+        tail), made once: a copy from host memory in every forward would stop a training step from being captured
+        as a CUDA graph."""
+        ids = getattr(self.layout, name)
+        key = (name, tuple(ids), device)
+        cache = self.__dict__.setdefault("_ids_on_device", {})
+        if key not in cache:
+            cache[key] = torch.tensor(ids, dtype=torch.long, device=device)
+        return cache[key]
 
     @property
     def mmu_prefix_len(self) -> int:

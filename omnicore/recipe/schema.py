@@ -204,6 +204,9 @@ class StageSpec(Strict):
     grad_clip: Optional[float] = Field(1.0, gt=0)  # clip the gradient norm to this (null: no clipping)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     gradient_checkpointing: bool = False  # recompute backbone blocks in backward (less memory, more time)
+    # unified stages on one CUDA device: capture each step (forward, backward, clipping, AdamW) as a CUDA graph and
+    # replay it (omnicore.training.graphed_step); one graph per batch shape, so batches of a few fixed shapes
+    cuda_graph: bool = False
     distributed: Literal["ddp", "fsdp"] = "ddp"  # used when launched with several processes
     # probability of training T2I on the unconditional prompt (for guidance)
     caption_dropout: float = Field(0.0, ge=0, le=1)
@@ -235,6 +238,8 @@ class StageSpec(Strict):
         if self.schedule.kind == "wsd" and self.schedule.warmup_steps + self.schedule.decay_steps > self.steps:
             raise ValueError(f"schedule: warmup_steps {self.schedule.warmup_steps} + decay_steps "
                              f"{self.schedule.decay_steps} exceed the stage's {self.steps} steps")
+        if self.cuda_graph and self.kind != "unified":
+            raise ValueError(f"cuda_graph is for unified stages, not {self.kind}")
         if self.kind.startswith("distill_"):
             self._check_distill()
         elif self.distill is not None:

@@ -33,6 +33,7 @@ from .distributed import (DistInfo, all_gather_objects, average_gradients, barri
                           grad_norm_value, gradient_sync, load_optimizer_state, mean_across, optimizer_state,
                           wrap_model)
 from .ema import ParamEMA
+from .graphed_step import GraphedTrainStep, capturable_adamw
 from .freeze import apply_trainable
 from .metrics import MetricsWriter
 from .schedule import lr_factor
@@ -112,6 +113,8 @@ def restore_process_rng(trainer_state: dict[str, Any], info: DistInfo) -> None:
 
 def _make_optimizer(params: list[torch.nn.Parameter], stage: StageSpec) -> torch.optim.Optimizer:
     opt = stage.optimizer
+    if stage.cuda_graph:  # fused, its state on the device: what a captured step can replay
+        return capturable_adamw(params, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay, eps=opt.eps)
     return torch.optim.AdamW(params, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay, eps=opt.eps)
 
 
@@ -133,9 +136,11 @@ def _set_train_modes(model: torch.nn.Module) -> None:
 def _run_loop(*, stage: StageSpec, stage_index: int, ctx: RunContext, model: torch.nn.Module,
               plain: torch.nn.Module, trainable: list[torch.nn.Parameter], step_fn: Callable[[int], dict[str, float]],
               data_positions: Callable[[], dict[str, int]], start_step: int,
-              optimizer: torch.optim.Optimizer, resume: dict[str, Any] | None = None) -> None:
+              optimizer: torch.optim.Optimizer, resume: dict[str, Any] | None = None,
+              steps_optimizer: bool = False) -> None:
     """The shared step loop: schedule, clip, step, EMA, log, checkpoint. ``model`` is what trains (a DDP or FSDP2
-    wrapper, or ``plain`` itself), ``plain`` the whole model whose names and shapes checkpoints keep."""
+    wrapper, or ``plain`` itself), ``plain`` the whole model whose names and shapes checkpoints keep.
+    ``steps_optimizer``: ``step_fn`` clips and steps itself (a graphed step) and returns (losses, gradient norm)."""
     ema = None
     if stage.ema is not None:
         if ctx.dist.enabled and stage.distributed == "fsdp":
@@ -153,12 +158,15 @@ def _run_loop(*, stage: StageSpec, stage_index: int, ctx: RunContext, model: tor
                                stage.schedule.kind, stage.schedule.decay_steps)
             for g, base in zip(optimizer.param_groups, base_lrs):
                 g["lr"] = base * factor
-            losses = step_fn(step)
-            grad_norm = None
-            if stage.grad_clip is not None:
-                grad_norm = grad_norm_value(torch.nn.utils.clip_grad_norm_(trainable, stage.grad_clip))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            if steps_optimizer:
+                losses, grad_norm = step_fn(step)
+            else:
+                losses = step_fn(step)
+                grad_norm = None
+                if stage.grad_clip is not None:
+                    grad_norm = grad_norm_value(torch.nn.utils.clip_grad_norm_(trainable, stage.grad_clip))
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
             if ema is not None:
                 ema.update()
             done = step + 1
@@ -236,6 +244,8 @@ def run_unified_stage(model: UnifiedModel, stage: StageSpec, stage_index: int, c
         loaders[task] = make_loader(dataset, tspec.batch_size // W, collate, seed=ctx.seed + stage_index,
                                     start=consumed[task], shuffle=tspec.data.shuffle,
                                     num_workers=tspec.data.num_workers, rank=ctx.dist.rank, world_size=W)
+    if stage.cuda_graph:
+        _check_graph_mode(stage, ctx)
     wrapped = wrap_model(model, ctx.dist, stage.distributed, ctx.device)
     # after wrapping: FSDP2 trains a sharded copy, whose parameters are not the model's
     trainable = [p for p in wrapped.parameters() if p.requires_grad]
@@ -244,6 +254,22 @@ def run_unified_stage(model: UnifiedModel, stage: StageSpec, stage_index: int, c
     _set_train_modes(wrapped)
     weights = {t: s.weight for t, s in stage.tasks.items()}
     loss_options = {t: s.loss_options() for t, s in stage.tasks.items()}
+
+    def combined(losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        return sum(weights[t] * losses[t] for t in losses)
+
+    if stage.cuda_graph:
+        graphed = _graphed_step(stage, ctx, wrapped, trainable, optimizer, combined,
+                                lambda batches: wrapped(batches, loss_options))
+
+        def graphed_fn(step: int) -> tuple[dict[str, float], float | None]:
+            micro = []
+            for _ in range(stage.grad_accum):
+                micro.append({t: next(loaders[t]) for t in stage.tasks})
+                for t in stage.tasks:
+                    consumed[t] += stage.tasks[t].batch_size
+            losses, norm = graphed.step(micro)
+            return {t: float(v) for t, v in losses.items()}, None if norm is None else float(norm)
 
     def step_fn(step: int) -> dict[str, float]:
         sums = {t: 0.0 for t in stage.tasks}
@@ -254,18 +280,31 @@ def run_unified_stage(model: UnifiedModel, stage: StageSpec, stage_index: int, c
             with gradient_sync(wrapped, sync=micro == stage.grad_accum - 1):
                 with autocast_for(stage, ctx.device):
                     losses = wrapped(batches, loss_options)
-                total = sum(weights[t] * losses[t] for t in losses) / stage.grad_accum
+                total = combined(losses) / stage.grad_accum
                 total.backward()
             for t in losses:
                 sums[t] += float(losses[t].detach()) / stage.grad_accum
         return sums
 
     _run_loop(stage=stage, stage_index=stage_index, ctx=ctx, model=wrapped, plain=model, trainable=trainable,
-              step_fn=step_fn, data_positions=lambda: dict(consumed), start_step=start_step, optimizer=optimizer,
-              resume=resume)
+              step_fn=graphed_fn if stage.cuda_graph else step_fn, data_positions=lambda: dict(consumed),
+              start_step=start_step, optimizer=optimizer, resume=resume, steps_optimizer=stage.cuda_graph)
     gather_into(model, wrapped)
     if hasattr(model.backbone, "gradient_checkpointing"):
         model.backbone.gradient_checkpointing = False
+
+
+def _check_graph_mode(stage: StageSpec, ctx: RunContext) -> None:
+    if ctx.device.type != "cuda":
+        raise OmnicoreError(f"stage {stage.name!r}: cuda_graph needs a CUDA device (this run is on {ctx.device})")
+    if ctx.dist.enabled:
+        raise OmnicoreError(f"stage {stage.name!r}: cuda_graph runs on one process; turn it off for distributed runs")
+
+
+def _graphed_step(stage: StageSpec, ctx: RunContext, wrapped, trainable, optimizer, combine, loss_fn):
+    precision = stage.precision if stage.precision != "auto" else "bf16"
+    return GraphedTrainStep(loss_fn, combine, trainable, optimizer, stage.grad_clip,
+                            autocast_dtype=torch.bfloat16 if precision == "bf16" else None)
 
 
 def _maybe_cache_codes(model: UnifiedModel, stage: StageSpec, task: str, dataset, ctx: RunContext):

@@ -30,14 +30,17 @@ def build_mamba2(size: Optional[Literal["tiny", "130m", "370m", "780m", "1.3b", 
                  attn_cfg: dict[str, Any] = {}, rms_norm: bool = True, residual_in_fp32: bool = True,
                  norm_epsilon: float = 1e-5, kernel: Literal["auto", "torch", "mamba_ssm"] = "auto",
                  compile_decode: Optional[bool] = None, lora: Optional[dict[str, Any]] = None, device: Optional[str] = None, dtype: Optional[str] = None,
-                 mixer: Literal["mamba2", "mmmamba"] = "mamba2", mixer_cfg: dict[str, Any] = {}):
+                 mixer: Literal["mamba2", "mmmamba"] = "mamba2", mixer_cfg: dict[str, Any] = {},
+                 fused_ops: Optional[list[Literal["add_norm", "gated_norm", "dt_softplus", "lora"]]] = None):
     """Mamba-2 backbone (mamba_ssm layout, PyTorch or Triton kernels, task LoRA, optional attention layers).
 
     ``compile_decode``: compile the one-token decode step with torch.compile (None: on CUDA for models at least
     1024 wide, unless the environment sets OMNICORE_COMPILE=0; the first generation then waits for compilation).
     ``mixer``: the non-attention layers' mixer, Mamba-2's (options d_state, d_conv, expand, headdim, ngroups,
     chunk_size) or ``mmmamba`` (mmMamba's, options in ``mixer_cfg``: num_heads, num_kv_heads, head_dim, conv_width,
-    chunk_size, qkv_bias, o_bias)."""
+    chunk_size, qkv_bias, o_bias).
+    ``fused_ops``: the Triton kernels the chunked (training / prefill) path uses on CUDA with mamba_ssm (None: all
+    of add_norm, gated_norm, dt_softplus, lora; [] for none); the PyTorch path computes the same functions."""
     import torch
 
     from .mamba2 import Mamba2Backbone
@@ -60,7 +63,8 @@ def build_mamba2(size: Optional[Literal["tiny", "130m", "370m", "780m", "1.3b", 
     model = Mamba2Backbone(cfg["d_model"], cfg["n_layer"], ssm_cfg=ssm_cfg, d_intermediate=d_intermediate,
                            attn_layer_idx=list(attn_layer_idx), attn_cfg=dict(attn_cfg), rms_norm=rms_norm,
                            residual_in_fp32=residual_in_fp32, norm_epsilon=norm_epsilon, kernel=kernel,
-                           compile_decode=compile_decode, mixer=mixer, device=device, dtype=torch_dtype)
+                           compile_decode=compile_decode, mixer=mixer, device=device, dtype=torch_dtype,
+                           **({} if fused_ops is None else {"fused_ops": tuple(fused_ops)}))
     if lora:
         unknown = set(lora) - {"tasks", "r", "alpha", "dropout", "target_modules"}
         if unknown:

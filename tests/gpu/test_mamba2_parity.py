@@ -18,7 +18,7 @@ from omnicore.plugins.backbones.mamba2 import kernels
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not kernels.mamba_ssm_available(), reason="needs CUDA and mamba_ssm's kernels")]
 
-TOL = {torch.float32: 1e-2, torch.bfloat16: 5e-2}  # Triton may use TF32 for fp32 products
+TOL = {torch.float32: 1e-4, torch.bfloat16: 5e-2}  # fp32: Triton dots in IEEE mode (tests/gpu/conftest.py)
 SHAPES = {  # name -> build params (the 1.3b mixer at full width, fewer layers)
     # the 1.3b mixer's headdim/d_state/chunk (Triton autotunes once per such shape), 2 groups, narrow
     "small": dict(d_model=256, n_layer=2, ngroups=2),

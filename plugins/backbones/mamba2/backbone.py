@@ -21,11 +21,12 @@ from torch import nn
 from omnicore.convert.strict import check_tensors
 from omnicore.errors import CheckpointError
 
-from . import compiled_step, fused_step, lora
+from . import compiled_step, fused_step, kernels, lora
 from .attention import MHA, AttnContext
-from .block import Block, GatedMLP, make_norm
+from .block import FUSED_OPS, Block, GatedMLP, make_norm
 from .mixer import Mamba2
 from .mmmamba_mixer import MMambaMixer
+from .norm import RMSNorm
 from .state import InferenceState
 
 _SKIPPED = ("embedding.weight", "lm_head.weight")
@@ -47,8 +48,14 @@ class Mamba2Backbone(nn.Module):
     def __init__(self, d_model: int, n_layer: int, ssm_cfg: dict | None = None, d_intermediate: int = 0,
                  attn_layer_idx: list[int] | None = None, attn_cfg: dict | None = None, rms_norm: bool = True,
                  residual_in_fp32: bool = True, norm_epsilon: float = 1e-5, kernel: str = "auto",
-                 compile_decode: bool | None = None, mixer: str = "mamba2", device=None, dtype=None) -> None:
+                 compile_decode: bool | None = None, mixer: str = "mamba2",
+                 fused_ops: tuple[str, ...] | list[str] = FUSED_OPS, device=None, dtype=None) -> None:
         super().__init__()
+        unknown = sorted(set(fused_ops) - set(FUSED_OPS))
+        if unknown:
+            raise ValueError(f"fused_ops {unknown} unknown; choose from {', '.join(FUSED_OPS)}")
+        # the Triton kernels the chunked (training / prefill) path may use on CUDA with mamba_ssm (block.FUSED_OPS)
+        self.fused_ops = frozenset(fused_ops)
         fk = {"device": device, "dtype": dtype}
         self.d_model, self.n_layer = d_model, n_layer
         self.attn_layer_idx = sorted(set(attn_layer_idx or []))
@@ -142,11 +149,16 @@ class Mamba2Backbone(nn.Module):
             h, pending = compiled_step.apply_pending(h, pending), None
             if checkpoint:
                 h, residual = torch.utils.checkpoint.checkpoint(_run_block, block, task, h, residual, cache, mask,
-                                                                ctx, use_reentrant=False)
+                                                                ctx, None, self.fused_ops, use_reentrant=False)
             else:
-                h, residual = _run_block(block, task, h, residual, cache, mask, ctx, weight)
-        residual = compiled_step.apply_pending(h, pending) + residual
-        out = self.norm_f(residual.to(self.norm_f.weight.dtype))
+                h, residual = _run_block(block, task, h, residual, cache, mask, ctx, weight, self.fused_ops)
+        h = compiled_step.apply_pending(h, pending)
+        if "add_norm" in self.fused_ops and l > 1 and kernels.use_fast(self.layers[-1].mixer_kernel(), h):
+            n = self.norm_f  # the last residual add and the final norm in one Triton pass
+            out = kernels.fast_ops().add_norm(h, n.weight, getattr(n, "bias", None), residual=residual,
+                                              residual_in_fp32=True, eps=n.eps, is_rms_norm=isinstance(n, RMSNorm))
+        else:
+            out = self.norm_f((h + residual).to(self.norm_f.weight.dtype))
         if state is not None:
             _advance(state, l, mask)
         return out
@@ -234,8 +246,6 @@ def _advance(state: InferenceState, l: int, mask: torch.Tensor | None) -> None:
     state.mark_written()
 
 
-def _run_block(block: Block, task, h, residual, cache, mask, ctx, in_proj_weight=None):
+def _run_block(block: Block, task, h, residual, cache, mask, ctx, in_proj_weight=None, fused=frozenset()):
     lora.activate(block.lora_layers, task)  # per block, so a checkpoint recompute uses the same adapter
-    if in_proj_weight is None:
-        return block(h, residual, cache, mask, ctx)
-    return block(h, residual, cache, mask, ctx, in_proj_weight=in_proj_weight)
+    return block(h, residual, cache, mask, ctx, in_proj_weight=in_proj_weight, fused=fused)

@@ -10,8 +10,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .attention import MHA, AttnContext
+from .mixer import Mamba2
 from .norm import RMSNorm
+
+# Triton replacements on the chunked (training / prefill) path, on CUDA with mamba_ssm's kernels; each one a name of
+# Block.forward's ``fused``: the residual add and pre-norm in one pass (forward and backward), the mixer's gated
+# RMSNorm, dt's softplus and bias inside the chunked scan, and the task LoRA without a separate scaling pass
+FUSED_OPS = ("add_norm", "gated_norm", "dt_softplus", "lora")
 
 
 class GatedMLP(nn.Module):
@@ -58,16 +65,35 @@ class Block(nn.Module):
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor | None, cache=None, mask: torch.Tensor | None = None,
                 ctx: AttnContext | None = None, use_kernels: bool | None = None,
-                in_proj_weight: torch.Tensor | None = None,
-                conv_kernel: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``use_kernels``, ``in_proj_weight``, ``conv_kernel``: one-token steps of a Mamba-2 mixer (Mamba2.forward)."""
-        residual = self._add(h, residual)
-        h = self.norm(residual.to(self.norm.weight.dtype))
+                in_proj_weight: torch.Tensor | None = None, conv_kernel: bool | None = None,
+                fused: frozenset[str] = frozenset()) -> tuple[torch.Tensor, torch.Tensor]:
+        """``use_kernels``, ``in_proj_weight``, ``conv_kernel``: one-token steps of a Mamba-2 mixer (Mamba2.forward).
+        ``fused``: which of FUSED_OPS may run where they apply (several positions on CUDA with mamba_ssm)."""
+        fast = bool(fused) and h.shape[1] > 1 and kernels.use_fast(self.mixer_kernel(), h)
+        residual, h = self._add_norm(h, residual, self.norm, fast and "add_norm" in fused)
         if isinstance(self.mixer, MHA):
             h = self.mixer(h, cache, ctx)
+        elif isinstance(self.mixer, Mamba2):
+            h = self.mixer(h, cache, mask, use_kernels, in_proj_weight, conv_kernel, fused if fast else frozenset())
         else:
             h = self.mixer(h, cache, mask, use_kernels, in_proj_weight, conv_kernel)
         if self.mlp is not None:
-            residual = self._add(h, residual)
-            h = self.mlp(self.norm2(residual.to(self.norm2.weight.dtype)))
+            residual, h = self._add_norm(h, residual, self.norm2, fast and "add_norm" in fused)
+            h = self.mlp(h)
         return h, residual
+
+    def mixer_kernel(self) -> str:
+        """The mixer's kernel choice (attention layers: auto), which the block's own kernels follow."""
+        return getattr(self.mixer, "kernel", "auto")
+
+    def _add_norm(self, h: torch.Tensor, residual: torch.Tensor | None, norm: nn.Module,
+                  fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the new residual, its normalised value). Fused: one Triton pass, the norm's output in h's dtype (what
+        autocast would round it to before the next product anyway)."""
+        if not fused:
+            residual = self._add(h, residual)
+            return residual, norm(residual.to(norm.weight.dtype))
+        out, residual = kernels.fast_ops().add_norm(
+            h, norm.weight, getattr(norm, "bias", None), residual=residual, prenorm=True,
+            residual_in_fp32=self.residual_in_fp32, eps=norm.eps, is_rms_norm=isinstance(norm, RMSNorm))
+        return residual, out

@@ -32,6 +32,8 @@ class FastOps:
     state_update: Callable[..., Any]  # selective_state_update
     conv1d_fn: Callable[..., Any] | None  # causal_conv1d_fn (None: PyTorch conv)
     conv1d_update: Callable[..., Any] | None  # causal_conv1d_update
+    add_norm: Callable[..., Any]  # layer_norm_fn: residual add + (RMS)norm, forward and backward in Triton
+    gated_norm: Callable[..., Any]  # layernorm_gated.rmsnorm_fn: norm(x * silu(z)) in Triton
 
 
 _cache: dict[str, Any] = {}
@@ -74,6 +76,8 @@ def _import_triton_ops() -> FastOps:
     try:
         ssd = importlib.import_module("mamba_ssm.ops.triton.ssd_combined")
         ssu = importlib.import_module("mamba_ssm.ops.triton.selective_state_update")
+        ln = importlib.import_module("mamba_ssm.ops.triton.layer_norm")
+        lng = importlib.import_module("mamba_ssm.ops.triton.layernorm_gated")
     except Exception as exc:
         extra = f" (import mamba_ssm said: {reason})" if reason else ""
         raise ImportError(f"mamba_ssm's Triton kernels do not import: {type(exc).__name__}: {exc}{extra}") from exc
@@ -81,7 +85,8 @@ def _import_triton_ops() -> FastOps:
         from causal_conv1d import causal_conv1d_fn, causal_conv1d_update
     except Exception:
         causal_conv1d_fn = causal_conv1d_update = None
-    return FastOps(ssd.mamba_chunk_scan_combined, ssu.selective_state_update, causal_conv1d_fn, causal_conv1d_update)
+    return FastOps(ssd.mamba_chunk_scan_combined, ssu.selective_state_update, causal_conv1d_fn, causal_conv1d_update,
+                   ln.layer_norm_fn, lng.rmsnorm_fn)
 
 
 def fast_ops() -> FastOps:

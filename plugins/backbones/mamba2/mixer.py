@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
+from .lora_linear import fused_lora_linear
 from .norm import RMSNormGated
 from .ssd import ssd_chunked, ssd_step
 from .state import MambaCache
@@ -81,9 +82,18 @@ class Mamba2(nn.Module):
             dt = dt.clamp(*self.dt_limit)
         return dt
 
-    def _out(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        y = self.norm(y, z) if self.rmsnorm else y * F.silu(z)
-        return self.out_proj(y.to(self.out_proj.weight.dtype))
+    def _out(self, y: torch.Tensor, z: torch.Tensor, fused_norm: bool = False) -> torch.Tensor:
+        """Gate, norm, out_proj. ``fused_norm``: the gated RMSNorm as one Triton pass (mamba_ssm's), its output in
+        y's dtype (what autocast rounds it to before out_proj anyway)."""
+        if self.rmsnorm and fused_norm:
+            n = self.norm
+            y = kernels.fast_ops().gated_norm(y, n.weight, None, z=z, eps=n.eps, group_size=n.group_size,
+                                              norm_before_gate=n.norm_before_gate)
+        else:
+            y = self.norm(y, z) if self.rmsnorm else y * F.silu(z)
+        if not torch.is_autocast_enabled(y.device.type):  # under autocast out_proj takes y as it is
+            y = y.to(self.out_proj.weight.dtype)
+        return self.out_proj(y)
 
     def allocate_cache(self, batch_size: int, dtype=None, device=None) -> MambaCache:
         device = device or self.out_proj.weight.device
@@ -96,22 +106,27 @@ class Mamba2(nn.Module):
     # ---- forward ------------------------------------------------------------------------------------
     def forward(self, u: torch.Tensor, cache: MambaCache | None = None, mask: torch.Tensor | None = None,
                 use_kernels: bool | None = None, in_proj_weight: torch.Tensor | None = None,
-                conv_kernel: bool | None = None) -> torch.Tensor:
+                conv_kernel: bool | None = None, fused: frozenset[str] = frozenset()) -> torch.Tensor:
         """u (B, L, d_model) -> (B, L, d_model). mask (B, L) bool: False positions leave the cache untouched.
         ``in_proj_weight`` replaces in_proj (the backbone passes the task's merged LoRA weight,
         lora.decode_weight). One-token steps only: ``use_kernels`` None decides by ``kernel`` and the tensor,
         True/False as decided by the caller (the compiled step decides outside the compiled region);
-        ``conv_kernel`` picks the one-pass conv update (None: where it can run)."""
+        ``conv_kernel`` picks the one-pass conv update (None: where it can run). ``fused``: which of block.FUSED_OPS
+        the chunked path may use with mamba_ssm's kernels ("gated_norm", "dt_softplus", "lora")."""
         if cache is not None and u.shape[1] == 1:
             return self.step(u, cache, None if mask is None else mask[:, 0], use_kernels, in_proj_weight, conv_kernel)
         b, l, _ = u.shape
         fast = kernels.use_fast(self.kernel, u)
-        z, xBC, dt_raw = self._split(self._in_proj(u, in_proj_weight))
+        fused = fused if fast else frozenset()
+        zxbcdt = fused_lora_linear(self.in_proj, u) if in_proj_weight is None and "lora" in fused else None
+        z, xBC, dt_raw = self._split(self._in_proj(u, in_proj_weight) if zxbcdt is None else zxbcdt)
         # a short prompt from an empty state (the T2I prefix): one Triton kernel instead of the chunked scan's five,
         # with dt's softplus inside it and the final state written straight into the cache
         short = (mask is None and (cache is None or cache.empty) and self.kernel != "torch"
                  and kernels.short_scan_ok(u, l))
-        dt = None if short else self._dt(dt_raw)
+        # the chunked scan can take dt's bias and softplus itself (not under a mask, which zeroes dt afterwards)
+        dt_in_scan = fast and mask is None and "dt_softplus" in fused
+        dt = None if short else dt_raw if dt_in_scan else self._dt(dt_raw)
         m = None if mask is None else mask[..., None].to(xBC.dtype)
         if m is not None:
             xBC, dt = xBC * m, dt * m.to(dt.dtype)
@@ -128,19 +143,20 @@ class Mamba2(nn.Module):
                                    None if cache is None else cache.ssm_state, self.dt_limit)
             if cache is not None:
                 cache.empty = False
-            return self._out(y.reshape(b, l, self.d_inner), z)
+            return self._out(y.reshape(b, l, self.d_inner), z, "gated_norm" in fused)
         A = -torch.exp(_up(self.A_log))
         init = None if cache is None or cache.empty else cache.ssm_state
         if fast:
             y, final = kernels.fast_ops().chunk_scan(
-                x, dt, A, B, C, self.chunk_size, D=D, z=None, dt_bias=None,
-                initial_states=None if init is None else init.float(), dt_softplus=False, return_final_states=True)
+                x, dt, A, B, C, self.chunk_size, D=D, z=None, dt_bias=self.dt_bias if dt_in_scan else None,
+                initial_states=None if init is None else init.float(), dt_softplus=dt_in_scan,
+                dt_limit=self.dt_limit, return_final_states=True)
         else:
             y, final = ssd_chunked(x, dt, A, B, C, self.chunk_size, D=D, initial_state=init)
         if cache is not None:
             cache.ssm_state.copy_(final.detach())
             cache.empty = False
-        return self._out(y.reshape(b, l, self.d_inner), z)
+        return self._out(y.reshape(b, l, self.d_inner), z, "gated_norm" in fused)
 
     def _conv(self, xBC: torch.Tensor, cache: MambaCache | None, fast: bool) -> torch.Tensor:
         """Causal depthwise conv + SiLU over (B, L, conv_dim); with a cache, continue from and refill it."""

@@ -1,0 +1,33 @@
+"""A peft LoRA linear layer's forward in two matrix products and one accumulate, for the training fast path.
+
+peft computes ``base(x) + lora_B(lora_A(dropout(x))) * scaling``: besides the products, one pass over the (rows,
+out_features) adapter output to scale it and one to add it, each again in backward, and (under autocast) a float32
+copy of the input (peft casts it to the adapter's dtype, then autocast casts it back). Here the scaling goes into
+the small ``B`` (out_features x r) and the adapter's product accumulates into the base output inside the GEMM
+(``addmm``'s beta = 1): the same function, with none of those passes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def fused_lora_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """``layer(x)`` for a peft LoRA ``Linear`` with one plain (not DoRA) adapter active and unmerged; None when
+    ``layer`` is not that (the caller then calls it as usual)."""
+    adapters = getattr(layer, "active_adapters", None)
+    if (adapters is None or len(adapters) != 1 or getattr(layer, "merged", False) or layer.disable_adapters
+            or adapters[0] not in layer.lora_A or adapters[0] in getattr(layer, "lora_variant", {})
+            or layer.use_dora.get(adapters[0], False)):
+        return None
+    name = adapters[0]
+    base = layer.base_layer
+    if not isinstance(base, nn.Linear):
+        return None
+    a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+    out = F.linear(x, base.weight, base.bias)
+    low = F.linear(layer.lora_dropout[name](x), a)  # dropout is Identity at p = 0, or in eval mode a no-op
+    flat = torch.addmm(out.reshape(-1, out.shape[-1]), low.reshape(-1, low.shape[-1]), (b * layer.scaling[name]).t())
+    return flat.view(out.shape)
