@@ -13,8 +13,10 @@ import hmac
 import io
 import json
 import logging
+import threading
 import time
 import uuid
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator
@@ -148,26 +150,60 @@ def _authorize(request: Request, key: str | None) -> None:
         raise RequestError("wrong API key", None, 401, code="invalid_api_key")
 
 
+class _Mailbox:
+    """Events from the scheduler thread to one event loop, delivered in batches: the loop is woken once for all the
+    events posted while it was busy (a step's tokens for every stream), not once per event; each wake-up is a
+    write to the loop's self-pipe and a turn of the loop, which on a small CPU compete with the decoding thread."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.lock = threading.Lock()
+        self.items: list[tuple[asyncio.Queue, tuple]] = []
+
+    def post(self, queue: asyncio.Queue, event: tuple) -> None:  # the scheduler thread
+        with self.lock:
+            wake = not self.items
+            self.items.append((queue, event))
+        if wake:
+            try:
+                self.loop.call_soon_threadsafe(self._deliver)
+            except RuntimeError:  # the loop is gone (shutting down): nobody is listening
+                pass
+
+    def _deliver(self) -> None:
+        with self.lock:
+            items, self.items = self.items, []
+        for queue, event in items:
+            queue.put_nowait(event)
+
+
+_mailboxes: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Mailbox]" = weakref.WeakKeyDictionary()
+
+
 class _Events:
     """A job's events, handed from the scheduler thread to the event loop."""
 
     def __init__(self) -> None:
-        self.loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
+        self.mailbox = _mailboxes.get(loop)
+        if self.mailbox is None:
+            self.mailbox = _mailboxes[loop] = _Mailbox(loop)
         self.queue: asyncio.Queue = asyncio.Queue()
 
     def emit(self, event: tuple) -> None:  # the scheduler thread
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
-        except RuntimeError:  # the loop is gone (shutting down): nobody is listening
-            pass
+        self.mailbox.post(self.queue, event)
 
     async def next(self, request: Request | None = None) -> tuple:
         """The next event; a client that went away (polled while waiting) cancels with CancelledError."""
+        if not self.queue.empty():
+            return self.queue.get_nowait()
+        if request is None:  # a stream: starlette notices the client going away itself
+            return await self.queue.get()
         while True:
             try:
                 return await asyncio.wait_for(self.queue.get(), DISCONNECT_POLL_S)
             except asyncio.TimeoutError:
-                if request is not None and await request.is_disconnected():
+                if await request.is_disconnected():
                     raise asyncio.CancelledError("the client disconnected")
 
 

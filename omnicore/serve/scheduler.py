@@ -22,6 +22,14 @@ from .pool import ImagePool, Pool, TextPool, pool_sizes
 log = logging.getLogger("omnicore.serve")
 
 
+# A new job joining a busy pool waits until PREFILL_GROUP jobs wait or PREFILL_HOLD steps have passed, so that
+# newcomers prefill together: on a CPU a prefill's cost barely grows with its rows (quick-start MMU: 4.5 ms for one
+# request, 11 ms for four), and one prefill a step for each newcomer took a third of a loaded scheduler's time.
+# An idle pool takes a job at once.
+PREFILL_GROUP = 4
+PREFILL_HOLD = 4
+
+
 class QueueFull(Exception):
     """More jobs are waiting than the scheduler's queue limit."""
 
@@ -37,6 +45,7 @@ class Scheduler:
         if model.image_tokenizer is not None and "image" in model.heads:
             self.pools["t2i"] = ImagePool(model, sizes["t2i"], use_graphs)
         self.waiting: dict[str, collections.deque[Job]] = {task: collections.deque() for task in self.pools}
+        self._held = {task: 0 for task in self.pools}  # steps the waiting jobs of a busy pool were held back
         self._intake: queue.SimpleQueue = queue.SimpleQueue()
         self._pending = 0  # submitted, not yet admitted (or dropped)
         self._lock = threading.Lock()
@@ -143,6 +152,10 @@ class Scheduler:
                 self._took(job)
             self._prefill(pool, group)
             return
+        if pool.running and len(waiting) < PREFILL_GROUP and self._held[task] < PREFILL_HOLD:
+            self._held[task] += 1  # newcomers wait a few steps for others to prefill with
+            return
+        self._held[task] = 0
         group, room = [], len(pool.free)
         while waiting and waiting[0].rows <= room:  # first come, first served: a large job is not overtaken
             job = waiting.popleft()
