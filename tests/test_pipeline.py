@@ -306,3 +306,17 @@ def test_cuda_graph_stages_refuse_what_they_cannot_run(tmp_path):
     assert "stage 'stage1_t2i': cuda_graph needs a CUDA device (this run is on cpu)" in r.stderr
     r = omni("recipe", "validate", "quickstart", "stages.tokenizer.cuda_graph=true")
     assert r.returncode == 2 and "cuda_graph is for unified stages, not vqgan" in r.stderr
+
+
+def test_mmu_text_padded_to_a_multiple_gives_the_same_loss(tiny_model):
+    """A graphed stage pads MMU text to a multiple of 64 tokens (few shapes, few graphs): the loss must not move."""
+    from omnicore.training.data import MMUCollator
+
+    ds = omnicore.create("dataset", "synthetic_shapes", task="mmu", size=3, image_size=32)
+    samples = [ds[i] for i in range(3)]
+    plain = MMUCollator(tiny_model.layout, tiny_model.encoder.image_transform(), 32)(samples)
+    padded = MMUCollator(tiny_model.layout, tiny_model.encoder.image_transform(), 32, pad_multiple=64)(samples)
+    assert padded["text_ids"].shape[1] == 64 > plain["text_ids"].shape[1]
+    with torch.no_grad():
+        a, b = tiny_model.mmu_loss(plain), tiny_model.mmu_loss(padded)
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

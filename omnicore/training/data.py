@@ -30,14 +30,19 @@ def image_to_tensor(image, size: int) -> torch.Tensor:
 
 
 class MMUCollator:
-    """Right-padded text with answer-only labels, plus encoder pixels (zeros and has_image=0 when absent)."""
+    """Right-padded text with answer-only labels, plus encoder pixels (zeros and has_image=0 when absent).
+    ``pad_multiple``: the text width rounded up to a multiple of it, so batches come in few shapes (a graphed
+    training step captures one graph per shape); the padding is ignored by the loss and, coming last, changes no
+    earlier position's output."""
 
-    def __init__(self, layout: Layout, image_transform, image_size: int) -> None:
+    def __init__(self, layout: Layout, image_transform, image_size: int, pad_multiple: int = 1) -> None:
         self.layout, self.transform, self.image_size = layout, image_transform, image_size
+        self.pad_multiple = pad_multiple
 
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
         texts = [self.layout.mmu_text(s["turns"]) for s in samples]
         width = max(len(ids) for ids, _ in texts)
+        width = -(-width // self.pad_multiple) * self.pad_multiple
         pad = self.layout.tokenizer.pad_id
         text_ids = torch.full((len(samples), width), pad, dtype=torch.long)
         labels = torch.full((len(samples), width), IGNORE, dtype=torch.long)

@@ -6,7 +6,8 @@ layer launching its Triton kernels; at the 1.3B shape the host, not the GPU, set
 the host one replay.
 
 What it needs, checked where it can be: CUDA; batches of one shape per graph (a graph is captured per distinct
-batch signature, up to ``max_graphs``, sharing one memory pool); a model whose forward and backward never wait on
+batch signature, up to ``max_graphs``, sharing one memory pool: an MMU stage pads its text to a multiple of 64
+tokens for this); a model whose forward and backward never wait on
 the GPU (no ``.item()``, no data-dependent shapes: capture fails with CUDA's own message otherwise, raised as a
 ``GraphCaptureError``); an AdamW built ``capturable=True`` (``capturable_adamw``). The learning rate stays a plain
 float in the optimizer's param groups, as schedules and checkpoints expect: the graph reads a device copy of it,
@@ -85,7 +86,7 @@ class GraphedTrainStep:
 
     def __init__(self, loss_fn: LossFn, combine: CombineFn, params: Sequence[torch.nn.Parameter],
                  optimizer: torch.optim.Optimizer, grad_clip: float | None, *,
-                 autocast_dtype: torch.dtype | None = None, max_graphs: int = 4) -> None:
+                 autocast_dtype: torch.dtype | None = None, max_graphs: int = 8) -> None:
         self.loss_fn, self.combine = loss_fn, combine
         self.params = list(params)
         self.optimizer, self.grad_clip = optimizer, grad_clip

@@ -235,7 +235,8 @@ def run_unified_stage(model: UnifiedModel, stage: StageSpec, stage_index: int, c
         if task == "mmu":
             transform = model.encoder.image_transform() if model.encoder is not None else None
             size = model.encoder.image_size if model.encoder is not None else 0
-            collate = MMUCollator(model.layout, transform, size)
+            collate = MMUCollator(model.layout, transform, size,
+                                  pad_multiple=GRAPH_TEXT_MULTIPLE if stage.cuda_graph else 1)
         else:
             dataset = _maybe_cache_codes(model, stage, task, dataset, ctx)
             collate = T2ICollator(model.layout, model.image_size, model.num_image_codes, stage.caption_dropout,
@@ -292,6 +293,10 @@ def run_unified_stage(model: UnifiedModel, stage: StageSpec, stage_index: int, c
     gather_into(model, wrapped)
     if hasattr(model.backbone, "gradient_checkpointing"):
         model.backbone.gradient_checkpointing = False
+
+
+# a graphed stage pads MMU text to a multiple of this: a graph per 64 tokens of answer length, not per length
+GRAPH_TEXT_MULTIPLE = 64
 
 
 def _check_graph_mode(stage: StageSpec, ctx: RunContext) -> None:
