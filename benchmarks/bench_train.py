@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from omnicore.model.unified import build_from_spec
+from omnicore.plugins.backbones.mamba2.block import FUSED_OPS
 from omnicore.recipe.schema import TrainSpec
 from omnicore.training.freeze import apply_trainable
 from omnicore.training.graphed_step import GraphCaptureError, GraphedTrainStep, capturable_adamw
@@ -242,9 +243,9 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="also print each model's top GPU kernels (torch.profiler)")
     ap.add_argument("--variants", default="eager,graph",
                     help="omnicore's steps: eager, and/or graph (the whole step one CUDA graph, cuda_graph: true)")
-    ap.add_argument("--fused-ops", default="all",
-                    help="the backbone's Triton training kernels: all, none, or a list of add_norm, gated_norm, "
-                         "dt_softplus, lora (an ablation)")
+    ap.add_argument("--fused-ops", default="default",
+                    help="the backbone's Triton training kernels: default (the backbone's), all, none, or a list of "
+                         + ", ".join(FUSED_OPS) + " (an ablation)")
     args = ap.parse_args()
     dev = args.device
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -252,7 +253,8 @@ def main() -> None:
         print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
     jobs = [j for j in args.jobs.split(",") if j]
     variants = [v for v in args.variants.split(",") if v]
-    fused = {"all": None, "none": []}.get(args.fused_ops, [o for o in args.fused_ops.split(",") if o])
+    fused = {"default": None, "none": [], "all": list(FUSED_OPS)}.get(
+        args.fused_ops, [o for o in args.fused_ops.split(",") if o])
     for job in jobs:
         tasks, train = JOBS[job]
         for variant in variants:

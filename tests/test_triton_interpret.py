@@ -225,3 +225,40 @@ def test_fused_small_batch_step_in_the_interpreter():
     out = subprocess.run([sys.executable, "-c", FUSED_STEP_SCRIPT], env=env, capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+TRAIN_CONV_SCRIPT = textwrap.dedent("""
+    import torch
+    import torch.nn.functional as F
+    from omnicore.plugins.backbones.mamba2.triton_conv_train import causal_conv_silu
+
+    torch.manual_seed(0)
+    # forward and every gradient against PyTorch's conv + SiLU: a strided slice of a wider in_proj output, lengths
+    # below d_conv and across tiles, a channel count that is not a multiple of the tile, with and without a bias
+    dim = 150
+    for l, with_bias in ((2, True), (45, True), (70, False)):
+        wide = torch.randn(2, l, dim + 30, dtype=torch.float64)
+        w = torch.randn(dim, 4, dtype=torch.float64, requires_grad=True)
+        bias = torch.randn(dim, dtype=torch.float64, requires_grad=True) if with_bias else None
+        dout = torch.randn(2, l, dim, dtype=torch.float64)
+        outs = []
+        for kernel in (False, True):
+            src = wide.clone().requires_grad_(True)
+            x = src[..., 10:10 + dim]
+            if kernel:
+                y = causal_conv_silu(x.float(), w.float(), None if bias is None else bias.float()).double()
+            else:
+                y = F.silu(F.conv1d(x.transpose(1, 2), w[:, None], bias, padding=3, groups=dim)[..., :l]).transpose(1, 2)
+            params = [src, w] + ([bias] if bias is not None else [])
+            outs.append([y.detach()] + list(torch.autograd.grad(y, params, dout)))
+        for name, a, b in zip(["out", "dx", "dw", "dbias"], outs[1], outs[0]):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-4), (l, name, float((a - b).abs().max()))
+    print("ok")
+""")
+
+
+def test_training_conv_forward_and_backward_in_the_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, "-c", TRAIN_CONV_SCRIPT], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]

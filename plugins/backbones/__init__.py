@@ -31,7 +31,7 @@ def build_mamba2(size: Optional[Literal["tiny", "130m", "370m", "780m", "1.3b", 
                  norm_epsilon: float = 1e-5, kernel: Literal["auto", "torch", "mamba_ssm"] = "auto",
                  compile_decode: Optional[bool] = None, lora: Optional[dict[str, Any]] = None, device: Optional[str] = None, dtype: Optional[str] = None,
                  mixer: Literal["mamba2", "mmmamba"] = "mamba2", mixer_cfg: dict[str, Any] = {},
-                 fused_ops: Optional[list[Literal["add_norm", "gated_norm", "dt_softplus", "lora"]]] = None):
+                 fused_ops: Optional[list[Literal["add_norm", "gated_norm", "dt_softplus", "lora", "conv"]]] = None):
     """Mamba-2 backbone (mamba_ssm layout, PyTorch or Triton kernels, task LoRA, optional attention layers).
 
     ``compile_decode``: compile the one-token decode step with torch.compile (None: on CUDA for models at least
@@ -39,8 +39,9 @@ def build_mamba2(size: Optional[Literal["tiny", "130m", "370m", "780m", "1.3b", 
     ``mixer``: the non-attention layers' mixer, Mamba-2's (options d_state, d_conv, expand, headdim, ngroups,
     chunk_size) or ``mmmamba`` (mmMamba's, options in ``mixer_cfg``: num_heads, num_kv_heads, head_dim, conv_width,
     chunk_size, qkv_bias, o_bias).
-    ``fused_ops``: the Triton kernels the chunked (training / prefill) path uses on CUDA with mamba_ssm (None: all
-    of add_norm, gated_norm, dt_softplus, lora; [] for none); the PyTorch path computes the same functions."""
+    ``fused_ops``: the Triton kernels the chunked (training / prefill) path uses on CUDA with mamba_ssm (None:
+    add_norm, gated_norm, dt_softplus, lora; also conv, the training conv, not yet measured; [] for none); the
+    PyTorch path computes the same functions."""
     import torch
 
     from .mamba2 import Mamba2Backbone

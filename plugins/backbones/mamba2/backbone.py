@@ -23,7 +23,7 @@ from omnicore.errors import CheckpointError
 
 from . import compiled_step, fused_step, kernels, lora
 from .attention import MHA, AttnContext
-from .block import FUSED_OPS, Block, GatedMLP, make_norm
+from .block import DEFAULT_FUSED_OPS, FUSED_OPS, Block, GatedMLP, make_norm
 from .mixer import Mamba2
 from .mmmamba_mixer import MMambaMixer
 from .norm import RMSNorm
@@ -49,7 +49,7 @@ class Mamba2Backbone(nn.Module):
                  attn_layer_idx: list[int] | None = None, attn_cfg: dict | None = None, rms_norm: bool = True,
                  residual_in_fp32: bool = True, norm_epsilon: float = 1e-5, kernel: str = "auto",
                  compile_decode: bool | None = None, mixer: str = "mamba2",
-                 fused_ops: tuple[str, ...] | list[str] = FUSED_OPS, device=None, dtype=None) -> None:
+                 fused_ops: tuple[str, ...] | list[str] = DEFAULT_FUSED_OPS, device=None, dtype=None) -> None:
         super().__init__()
         unknown = sorted(set(fused_ops) - set(FUSED_OPS))
         if unknown:

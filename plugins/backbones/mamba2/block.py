@@ -17,8 +17,11 @@ from .norm import RMSNorm
 
 # Triton replacements on the chunked (training / prefill) path, on CUDA with mamba_ssm's kernels; each one a name of
 # Block.forward's ``fused``: the residual add and pre-norm in one pass (forward and backward), the mixer's gated
-# RMSNorm, dt's softplus and bias inside the chunked scan, and the task LoRA without a separate scaling pass
-FUSED_OPS = ("add_norm", "gated_norm", "dt_softplus", "lora")
+# RMSNorm, dt's softplus and bias inside the chunked scan, the task LoRA without a separate scaling pass, and the
+# causal conv + SiLU with its backward in in_proj's layout (triton_conv_train.py)
+FUSED_OPS = ("add_norm", "gated_norm", "dt_softplus", "lora", "conv")
+# what a backbone uses unless told: the ones measured faster on the GPU (benchmarks/NOTES.md); "conv" is not yet
+DEFAULT_FUSED_OPS = ("add_norm", "gated_norm", "dt_softplus", "lora")
 
 
 class GatedMLP(nn.Module):

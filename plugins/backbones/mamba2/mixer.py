@@ -130,7 +130,7 @@ class Mamba2(nn.Module):
         m = None if mask is None else mask[..., None].to(xBC.dtype)
         if m is not None:
             xBC, dt = xBC * m, dt * m.to(dt.dtype)
-        xBC = self._conv(xBC, cache, fast)
+        xBC = self._conv(xBC, cache, fast, train_conv="conv" in fused)
         if m is not None:
             xBC = xBC * m
         x, B, C = torch.split(xBC, [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
@@ -158,10 +158,15 @@ class Mamba2(nn.Module):
             cache.empty = False
         return self._out(y.reshape(b, l, self.d_inner), z, "gated_norm" in fused)
 
-    def _conv(self, xBC: torch.Tensor, cache: MambaCache | None, fast: bool) -> torch.Tensor:
-        """Causal depthwise conv + SiLU over (B, L, conv_dim); with a cache, continue from and refill it."""
+    def _conv(self, xBC: torch.Tensor, cache: MambaCache | None, fast: bool, train_conv: bool = False) -> torch.Tensor:
+        """Causal depthwise conv + SiLU over (B, L, conv_dim); with a cache, continue from and refill it.
+        ``train_conv``: without a cache, the Triton conv with its backward (triton_conv_train.py)."""
         l = xBC.shape[1]
         w = self.conv1d.weight
+        if cache is None and fast and train_conv and self.d_conv == 4:
+            from .triton_conv_train import causal_conv_silu
+
+            return causal_conv_silu(xBC, w.squeeze(1), self.conv1d.bias)
         if cache is not None and fast and not torch.is_grad_enabled() and kernels.causal_conv_ok(cache.conv_state):
             # one Triton pass in the (B, L, C) layout, reading the cache; then the last d_conv inputs refill it
             out = kernels.causal_conv(xBC, None if cache.empty else cache.conv_state, w.squeeze(1), self.conv1d.bias)
