@@ -33,10 +33,13 @@ from .distributed import (DistInfo, all_gather_objects, average_gradients, barri
                           grad_norm_value, gradient_sync, load_optimizer_state, mean_across, optimizer_state,
                           wrap_model)
 from .ema import ParamEMA
-from .graphed_step import GraphedTrainStep, capturable_adamw
 from .freeze import apply_trainable
+from .graphed_step import GraphedTrainStep, capturable_adamw
 from .metrics import MetricsWriter
 from .schedule import lr_factor
+
+# a graphed stage pads MMU text to a multiple of this: a graph per 64 tokens of answer length, not per length
+GRAPH_TEXT_MULTIPLE = 64
 
 
 @dataclass
@@ -220,6 +223,8 @@ def run_unified_stage(model: UnifiedModel, stage: StageSpec, stage_index: int, c
         ctx.console.print(f"[bold]stage {stage.name}[/bold]: {total:,} trainable parameters "
                           + ", ".join(f"{k} {v:,}" for k, v in sorted(counts.items())))
     ctx.metrics.log({"stage": stage.name, "event": "start", "trainable": counts})
+    if stage.cuda_graph:
+        _check_graph_mode(stage, ctx)
     if stage.gradient_checkpointing:
         if not hasattr(model.backbone, "gradient_checkpointing"):
             raise OmnicoreError(f"stage {stage.name!r}: this backbone does not support gradient_checkpointing")
@@ -245,8 +250,6 @@ def run_unified_stage(model: UnifiedModel, stage: StageSpec, stage_index: int, c
         loaders[task] = make_loader(dataset, tspec.batch_size // W, collate, seed=ctx.seed + stage_index,
                                     start=consumed[task], shuffle=tspec.data.shuffle,
                                     num_workers=tspec.data.num_workers, rank=ctx.dist.rank, world_size=W)
-    if stage.cuda_graph:
-        _check_graph_mode(stage, ctx)
     wrapped = wrap_model(model, ctx.dist, stage.distributed, ctx.device)
     # after wrapping: FSDP2 trains a sharded copy, whose parameters are not the model's
     trainable = [p for p in wrapped.parameters() if p.requires_grad]
@@ -259,25 +262,24 @@ def run_unified_stage(model: UnifiedModel, stage: StageSpec, stage_index: int, c
     def combined(losses: dict[str, torch.Tensor]) -> torch.Tensor:
         return sum(weights[t] * losses[t] for t in losses)
 
+    def next_batches() -> dict[str, Any]:
+        for t in stage.tasks:
+            consumed[t] += stage.tasks[t].batch_size
+        return {t: next(loaders[t]) for t in stage.tasks}
+
     if stage.cuda_graph:
-        graphed = _graphed_step(stage, ctx, wrapped, trainable, optimizer, combined,
-                                lambda batches: wrapped(batches, loss_options))
+        bf16 = stage.precision in ("auto", "bf16")  # auto is bf16 on CUDA, where a graphed stage runs
+        graphed = GraphedTrainStep(lambda batches: wrapped(batches, loss_options), combined, trainable, optimizer,
+                                   stage.grad_clip, autocast_dtype=torch.bfloat16 if bf16 else None)
 
         def graphed_fn(step: int) -> tuple[dict[str, float], float | None]:
-            micro = []
-            for _ in range(stage.grad_accum):
-                micro.append({t: next(loaders[t]) for t in stage.tasks})
-                for t in stage.tasks:
-                    consumed[t] += stage.tasks[t].batch_size
-            losses, norm = graphed.step(micro)
+            losses, norm = graphed.step([next_batches() for _ in range(stage.grad_accum)])
             return {t: float(v) for t, v in losses.items()}, None if norm is None else float(norm)
 
     def step_fn(step: int) -> dict[str, float]:
         sums = {t: 0.0 for t in stage.tasks}
         for micro in range(stage.grad_accum):
-            batches = {t: next(loaders[t]) for t in stage.tasks}
-            for t in stage.tasks:
-                consumed[t] += stage.tasks[t].batch_size
+            batches = next_batches()
             with gradient_sync(wrapped, sync=micro == stage.grad_accum - 1):
                 with autocast_for(stage, ctx.device):
                     losses = wrapped(batches, loss_options)
@@ -295,21 +297,12 @@ def run_unified_stage(model: UnifiedModel, stage: StageSpec, stage_index: int, c
         model.backbone.gradient_checkpointing = False
 
 
-# a graphed stage pads MMU text to a multiple of this: a graph per 64 tokens of answer length, not per length
-GRAPH_TEXT_MULTIPLE = 64
-
-
 def _check_graph_mode(stage: StageSpec, ctx: RunContext) -> None:
     if ctx.device.type != "cuda":
         raise OmnicoreError(f"stage {stage.name!r}: cuda_graph needs a CUDA device (this run is on {ctx.device})")
     if ctx.dist.enabled:
         raise OmnicoreError(f"stage {stage.name!r}: cuda_graph runs on one process; turn it off for distributed runs")
 
-
-def _graphed_step(stage: StageSpec, ctx: RunContext, wrapped, trainable, optimizer, combine, loss_fn):
-    precision = stage.precision if stage.precision != "auto" else "bf16"
-    return GraphedTrainStep(loss_fn, combine, trainable, optimizer, stage.grad_clip,
-                            autocast_dtype=torch.bfloat16 if precision == "bf16" else None)
 
 
 def _maybe_cache_codes(model: UnifiedModel, stage: StageSpec, task: str, dataset, ctx: RunContext):
