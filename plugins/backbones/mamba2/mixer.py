@@ -112,7 +112,7 @@ class Mamba2(nn.Module):
         lora.decode_weight). One-token steps only: ``use_kernels`` None decides by ``kernel`` and the tensor,
         True/False as decided by the caller (the compiled step decides outside the compiled region);
         ``conv_kernel`` picks the one-pass conv update (None: where it can run). ``fused``: which of block.FUSED_OPS
-        the chunked path may use with mamba_ssm's kernels ("gated_norm", "dt_softplus", "lora")."""
+        the chunked path may use with mamba_ssm's kernels ("gated_norm", "dt_softplus", "lora", "conv")."""
         if cache is not None and u.shape[1] == 1:
             return self.step(u, cache, None if mask is None else mask[:, 0], use_kernels, in_proj_weight, conv_kernel)
         b, l, _ = u.shape
