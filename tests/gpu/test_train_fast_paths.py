@@ -59,17 +59,39 @@ def test_each_fused_op_matches_the_pytorch_path(ops, autocast, tol):
     assert errs[worst] < tol, (worst, errs[worst])
 
 
-def test_fused_ops_are_taken():
-    """The fused kernels run where they apply (a model built with them must not fall back to PyTorch's norm)."""
+def test_fused_ops_are_taken(monkeypatch):
+    """Each fused kernel runs where it applies: a model built with them must not fall back to the PyTorch path
+    (the PyTorch RMSNorm never runs, the LoRA product, the conv, the gated norm and the scan with dt's softplus are
+    each called once a layer)."""
+    import dataclasses
+
+    from omnicore.plugins.backbones.mamba2 import mixer as mixer_module
+    from omnicore.plugins.backbones.mamba2 import triton_conv_train
+
     m = backbone(FUSED_OPS)
-    calls = []
+    seen = {"lora": 0, "conv": 0, "gated_norm": 0, "dt_softplus": 0, "add_norm": 0}
+    ops = kernels.fast_ops()
+
+    def counting(name, fn, check=lambda out, kw: True):
+        def wrapped(*a, **kw):
+            out = fn(*a, **kw)
+            seen[name] += int(bool(check(out, kw)))
+            return out
+        return wrapped
+
+    monkeypatch.setitem(kernels._cache, "ops", dataclasses.replace(
+        ops, add_norm=counting("add_norm", ops.add_norm), gated_norm=counting("gated_norm", ops.gated_norm),
+        chunk_scan=counting("dt_softplus", ops.chunk_scan, lambda out, kw: kw.get("dt_softplus"))))
+    monkeypatch.setattr(mixer_module, "fused_lora_linear",
+                        counting("lora", mixer_module.fused_lora_linear, lambda out, kw: out is not None))
+    monkeypatch.setattr(triton_conv_train, "causal_conv_silu",
+                        counting("conv", triton_conv_train.causal_conv_silu))
+    norm_calls = []
     orig = type(m.layers[0].norm).forward
-    type(m.layers[0].norm).forward = lambda self, *a: calls.append(1) or orig(self, *a)
-    try:
-        m(torch.randn(1, 64, 2048, device="cuda"), task="t2i")
-    finally:
-        type(m.layers[0].norm).forward = orig
-    assert calls == []  # every pre-norm and norm_f went through the Triton add+norm
+    monkeypatch.setattr(type(m.layers[0].norm), "forward", lambda self, *a: norm_calls.append(1) or orig(self, *a))
+    m(torch.randn(1, 64, 2048, device="cuda"), task="t2i")
+    assert norm_calls == []
+    assert seen == {"lora": 2, "conv": 2, "gated_norm": 2, "dt_softplus": 2, "add_norm": 3}, seen
 
 
 def _training(graph: bool, steps: int):
