@@ -153,3 +153,6 @@ def test_fused_lora_product_is_peft_forward_and_backward(training):
         torch.testing.assert_close(a, b)
     lora.activate([layer], None)  # no adapter active: not this path's to compute
     assert fused_lora_linear(layer, x) is None
+    layer._active_adapter = ["mmu", "t2i"]  # a case it does not cover falls back, saying why
+    with pytest.warns(UserWarning, match="fused LoRA product not used \\(2 adapters active at once\\)"):
+        assert fused_lora_linear(layer, x) is None
