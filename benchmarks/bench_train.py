@@ -176,9 +176,12 @@ def measure(step, tokens: int, steps: int, device: str, flops: float) -> dict:
     if device == "cuda":
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - t) / steps
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+    cuda = device == "cuda"
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+    # what the process held from the device: a graphed step keeps its capture's pool beside the eager warm-up's
+    reserved = torch.cuda.max_memory_reserved() / 2**30 if cuda else float("nan")
     return {"tokens_per_s": tokens / seconds, "step_s": seconds, "mfu": flops / seconds / (PEAK_TFLOPS * 1e12),
-            "peak_gib": peak}
+            "peak_gib": peak, "reserved_gib": reserved}
 
 
 def profile(step, name: str, rows: int = 40) -> None:
@@ -228,7 +231,7 @@ def scaled(tasks: dict, rows: int) -> dict:
 
 def report(name: str, job: str, r: dict, fits: int | None) -> None:
     print(f"{name:28s} {job:12s} {r['tokens_per_s'] / 1e3:9.2f}K tok/s {r['step_s'] * 1e3:9.1f} ms "
-          f"MFU {r['mfu'] * 100:5.1f}% peak {r['peak_gib']:6.1f} GiB"
+          f"MFU {r['mfu'] * 100:5.1f}% peak {r['peak_gib']:6.1f} GiB (reserved {r['reserved_gib']:6.1f})"
           + (f" largest batch {fits} rows" if fits is not None else ""), flush=True)
 
 
