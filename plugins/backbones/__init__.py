@@ -39,7 +39,7 @@ def build_mamba2(size: Optional[Literal["tiny", "130m", "370m", "780m", "1.3b", 
     ``mixer``: the non-attention layers' mixer, Mamba-2's (options d_state, d_conv, expand, headdim, ngroups,
     chunk_size) or ``mmmamba`` (mmMamba's, options in ``mixer_cfg``: num_heads, num_kv_heads, head_dim, conv_width,
     chunk_size, qkv_bias, o_bias).
-    ``fused_ops``: the Triton kernels the chunked (training / prefill) path uses on CUDA with mamba_ssm (None:
+    ``fused_ops``: the Triton kernels the chunked training path uses on CUDA with mamba_ssm (None:
     add_norm, gated_norm, dt_softplus, lora; also conv, the training conv, not yet measured; [] for none); the
     PyTorch path computes the same functions."""
     import torch

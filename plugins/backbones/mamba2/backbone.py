@@ -23,7 +23,7 @@ from omnicore.errors import CheckpointError
 
 from . import compiled_step, fused_step, kernels, lora
 from .attention import MHA, AttnContext
-from .block import DEFAULT_FUSED_OPS, FUSED_OPS, Block, GatedMLP, make_norm
+from .block import DEFAULT_FUSED_OPS, FUSED_OPS, Block, GatedMLP, fused_here, make_norm
 from .mixer import Mamba2
 from .mmmamba_mixer import MMambaMixer
 from .norm import RMSNorm
@@ -54,7 +54,7 @@ class Mamba2Backbone(nn.Module):
         unknown = sorted(set(fused_ops) - set(FUSED_OPS))
         if unknown:
             raise ValueError(f"fused_ops {unknown} unknown; choose from {', '.join(FUSED_OPS)}")
-        # the Triton kernels the chunked (training / prefill) path may use on CUDA with mamba_ssm (block.FUSED_OPS)
+        # the Triton kernels the chunked training path may use on CUDA with mamba_ssm (block.FUSED_OPS)
         self.fused_ops = frozenset(fused_ops)
         fk = {"device": device, "dtype": dtype}
         self.d_model, self.n_layer = d_model, n_layer
@@ -153,7 +153,7 @@ class Mamba2Backbone(nn.Module):
             else:
                 h, residual = _run_block(block, task, h, residual, cache, mask, ctx, weight, self.fused_ops)
         h = compiled_step.apply_pending(h, pending)
-        if "add_norm" in self.fused_ops and l > 1 and kernels.use_fast(self.layers[-1].mixer_kernel(), h):
+        if "add_norm" in self.fused_ops and fused_here(self.fused_ops, h, self.layers[-1].mixer_kernel()):
             n = self.norm_f  # the last residual add and the final norm in one Triton pass
             out = kernels.fast_ops().add_norm(h, n.weight, getattr(n, "bias", None), residual=residual,
                                               residual_in_fp32=True, eps=n.eps, is_rms_norm=isinstance(n, RMSNorm))

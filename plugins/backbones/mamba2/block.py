@@ -15,13 +15,19 @@ from .attention import MHA, AttnContext
 from .mixer import Mamba2
 from .norm import RMSNorm
 
-# Triton replacements on the chunked (training / prefill) path, on CUDA with mamba_ssm's kernels; each one a name of
+# Triton replacements on the chunked training path, on CUDA with mamba_ssm's kernels; each one a name of
 # Block.forward's ``fused``: the residual add and pre-norm in one pass (forward and backward), the mixer's gated
 # RMSNorm, dt's softplus and bias inside the chunked scan, the task LoRA without a separate scaling pass, and the
 # causal conv + SiLU with its backward in in_proj's layout (triton_conv_train.py)
 FUSED_OPS = ("add_norm", "gated_norm", "dt_softplus", "lora", "conv")
 # what a backbone uses unless told: the ones measured faster on the GPU (benchmarks/NOTES.md); "conv" is not yet
 DEFAULT_FUSED_OPS = ("add_norm", "gated_norm", "dt_softplus", "lora")
+
+
+def fused_here(fused: frozenset[str], h: torch.Tensor, kernel: str) -> bool:
+    """Whether the fused kernels run on this call: training forwards (gradients recorded) of more than one position
+    on CUDA with mamba_ssm. Inference keeps the paths its own measurements chose (docs/gpu.md)."""
+    return bool(fused) and h.shape[1] > 1 and torch.is_grad_enabled() and kernels.use_fast(kernel, h)
 
 
 class GatedMLP(nn.Module):
@@ -72,7 +78,7 @@ class Block(nn.Module):
                 fused: frozenset[str] = frozenset()) -> tuple[torch.Tensor, torch.Tensor]:
         """``use_kernels``, ``in_proj_weight``, ``conv_kernel``: one-token steps of a Mamba-2 mixer (Mamba2.forward).
         ``fused``: which of FUSED_OPS may run where they apply (several positions on CUDA with mamba_ssm)."""
-        fast = bool(fused) and h.shape[1] > 1 and kernels.use_fast(self.mixer_kernel(), h)
+        fast = fused_here(fused, h, self.mixer_kernel())
         residual, h = self._add_norm(h, residual, self.norm, fast and "add_norm" in fused)
         if isinstance(self.mixer, MHA):
             h = self.mixer(h, cache, ctx)
