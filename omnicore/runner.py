@@ -143,7 +143,7 @@ def run_recipe(ref: str, overrides: list[str], *, run_dir: Path | None = None, r
                device: str | None = None, console: Console | None = None, stop_after_step: int | None = None) -> Path:
     """Run a recipe; returns the run directory."""
     from .model.unified import build_from_spec, load
-    from .training.distributed import init_distributed
+    from .training.distributed import end_distributed, init_distributed
     from .training.metrics import MetricsWriter
     from .distill.stages import run_distill_stage
     from .training.trainer import (RunContext, restore_process_rng, run_contrastive_stage, run_unified_stage,
@@ -194,6 +194,7 @@ def run_recipe(ref: str, overrides: list[str], *, run_dir: Path | None = None, r
     seed_everything(recipe.seed)
     model = None
     final_dir = run_dir / "model"
+    completed = False
     try:
         if recipe.stages:
             model = build_from_spec(recipe.model.model_dump(mode="json")).to(dev)
@@ -245,6 +246,7 @@ def run_recipe(ref: str, overrides: list[str], *, run_dir: Path | None = None, r
             if inf_model is None:
                 raise OmnicoreError("inference: set inference.model to a model directory (or add stages)")
             run_inference(inf_model, recipe.inference, run_dir, loaded.path.parent, console)
+        completed = True
     except OmnicoreError:
         # refused before anything was trained (a bad data file, say): leave no half-made run directory behind
         if created and dist_info.is_main and latest_checkpoint(run_dir / "checkpoints") is None:
@@ -253,6 +255,7 @@ def run_recipe(ref: str, overrides: list[str], *, run_dir: Path | None = None, r
         raise
     finally:
         metrics.close()
+        end_distributed(dist_info, completed)
     if dist_info.is_main:
         if model is not None and recipe.stages:
             console.print(f"final model: {final_dir}", highlight=False, soft_wrap=True)

@@ -46,6 +46,17 @@ def init_distributed(device: torch.device) -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def end_distributed(info: DistInfo, completed: bool) -> None:
+    """Leave the process group before the interpreter exits: a group torn down by the exit itself can abort a
+    process (gloo: "terminate called without an active exception"). After a completed run every rank first waits
+    for the others (rank 0 may still be saving); after a failure nobody waits, since a peer may never arrive."""
+    if not info.enabled or not dist.is_initialized():
+        return
+    if completed:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def is_sharded(module: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
