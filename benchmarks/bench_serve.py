@@ -6,6 +6,9 @@ bench_generation.py with its full-size VQ decoder, no image encoder, random weig
 free loopback port. ``--offline`` (GPU) first times ``generate_codes`` at batch ``--clients`` in this process, the
 figure bench_generation.py reports, to compare the server's images/s with.
 
+``--engines process,thread,process:2`` runs the same requests against one server of each kind in turn (``omni serve
+--engine``; ``:2`` adds ``--replicas 2``), so their figures come from one call.
+
 Run: python benchmarks/bench_serve.py --device cpu --clients 16 --requests 64 --task mixed --sequential
      python benchmarks/bench_serve.py --device cuda --shape 1.3b --clients 64 --requests 256 --task t2i --offline
 """
@@ -83,9 +86,10 @@ def offline_images_per_s(model_dir: Path, batch: int, guidance: float, device: s
     return batch / best
 
 
-def start_server(model_dir: Path, device: str, max_batch: int, threads: int | None, log: Path):
+def start_server(model_dir: Path, device: str, max_batch: int, threads: int | None, log: Path, engine: str):
     args = [sys.executable, "-m", "omnicore.cli", "serve", "--model", str(model_dir), "--port", "0", "--device",
-            device, "--max-batch", str(max_batch), "--max-queue", "4096", "--log-level", "warning"]
+            device, "--max-batch", str(max_batch), "--max-queue", "4096", "--log-level", "warning",
+            "--engine", engine.partition(":")[0], "--replicas", engine.partition(":")[2] or "1"]
     if threads:
         args += ["--threads", str(threads)]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=open(log, "w"), text=True,
@@ -176,6 +180,42 @@ def report(label: str, seconds: float, results: list[dict]) -> dict:
     return row
 
 
+def serve_and_drive(args, model_dir: Path, engine: str, tmp: Path, offline: dict | None) -> list[dict]:
+    """Start a server with ``--engine engine`` (unless ``--url``), drive it concurrently (and one request after
+    another with ``--sequential``), stop it; the result rows."""
+    rows, proc, url = [], None, args.url
+    log = tmp / f"server-{engine.replace(':', '-')}.log"
+    if url is None:
+        t = time.perf_counter()
+        proc, url = start_server(model_dir, args.device, args.max_batch or args.clients, args.threads, log, engine)
+        print(f"engine {engine}: server ready in {time.perf_counter() - t:.1f} s at {url}", flush=True)
+    try:
+        import httpx
+
+        name = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
+        work = requests_for(args.task, args.requests, name, args.images, args.max_tokens, args.guidance)
+        asyncio.run(drive(url, work[:args.clients], args.clients))  # warm the path (and the client) first
+        seconds, results = asyncio.run(drive(url, work, args.clients))
+        rows.append(report(f"engine {engine}: {args.clients} concurrent clients", seconds, results))
+        if args.sequential:
+            seconds, results = asyncio.run(drive(url, work, 1))
+            rows.append(report(f"engine {engine}: one after another", seconds, results))
+            print(f"engine {engine}: concurrent / sequential throughput: "
+                  f"x{rows[-2]['requests_per_s'] / rows[-1]['requests_per_s']:.2f}", flush=True)
+        if offline is not None:
+            print(f"engine {engine}: served / offline images/s: "
+                  f"{rows[0]['images_per_s'] / offline['images_per_s']:.3f}", flush=True)
+    except Exception:
+        if log.exists():
+            print(log.read_text()[-4000:], file=sys.stderr)
+        raise
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(30)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--url", help="a running server (default: start one)")
@@ -190,12 +230,14 @@ def main() -> None:
     ap.add_argument("--guidance", type=float, default=1.0)
     ap.add_argument("--max-batch", type=int, default=None, help="omni serve --max-batch (default: --clients)")
     ap.add_argument("--threads", type=int, default=None, help="omni serve --threads")
+    ap.add_argument("--engines", default="process", help="omni serve --engine values to run in turn, comma-separated, "
+                    "each with its own server, in this call (process:2: --engine process --replicas 2)")
     ap.add_argument("--sequential", action="store_true", help="also send the same requests one after another")
     ap.add_argument("--offline", action="store_true", help="also time generate_codes at batch --clients (GPU)")
     ap.add_argument("--out", type=Path, help="append the result rows to this JSONL file")
     args = ap.parse_args()
 
-    rows, proc = [], None
+    rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model
         if args.url is None and model_dir is None:
@@ -206,37 +248,9 @@ def main() -> None:
             rate = offline_images_per_s(model_dir, args.clients, args.guidance, args.device)
             rows.append({"run": f"offline generate_codes batch {args.clients}", "images_per_s": round(rate, 3)})
             print(json.dumps(rows[-1]), flush=True)
-        url = args.url
-        if url is None:
-            t = time.perf_counter()
-            proc, url = start_server(model_dir, args.device, args.max_batch or args.clients, args.threads,
-                                     Path(tmp) / "server.log")
-            print(f"server ready in {time.perf_counter() - t:.1f} s at {url}", flush=True)
-        try:
-            import httpx
-
-            name = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
-            work = requests_for(args.task, args.requests, name, args.images, args.max_tokens, args.guidance)
-            asyncio.run(drive(url, work[:args.clients], args.clients))  # warm the path (and the client) first
-            seconds, results = asyncio.run(drive(url, work, args.clients))
-            rows.append(report(f"{args.clients} concurrent clients", seconds, results))
-            if args.sequential:
-                seconds, results = asyncio.run(drive(url, work, 1))
-                rows.append(report("one after another", seconds, results))
-                print(f"concurrent / sequential throughput: x{rows[-2]['requests_per_s'] / rows[-1]['requests_per_s']:.2f}",
-                      flush=True)
-            if args.offline:
-                print(f"served / offline images/s: {rows[-1 - args.sequential]['images_per_s'] / rows[0]['images_per_s']:.3f}",
-                      flush=True)
-        except Exception:
-            log = Path(tmp) / "server.log"
-            if log.exists():
-                print(log.read_text()[-4000:], file=sys.stderr)
-            raise
-        finally:
-            if proc is not None:
-                proc.terminate()
-                proc.wait(30)
+        engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+        for engine in engines if args.url is None else ["(given server)"]:
+            rows += serve_and_drive(args, model_dir, engine, Path(tmp), offline=rows[0] if args.offline else None)
     if args.out:
         with open(args.out, "a") as f:
             for row in rows:

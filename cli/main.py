@@ -317,8 +317,12 @@ def serve_cmd(model: Path = typer.Option(..., "--model", help="A model directory
               max_tokens: int = typer.Option(1024, "--max-tokens", help="Largest max_tokens of an answer."),
               name: Optional[str] = typer.Option(None, "--name", help="The model name clients give (default: the "
                                                  "directory's name)."),
-              threads: Optional[int] = typer.Option(None, "--threads", help="torch's CPU threads (default: "
-                                                    "torch's own choice)."),
+              threads: Optional[int] = typer.Option(None, "--threads", help="torch's CPU threads where the model "
+                                                    "steps (default: torch's own choice)."),
+              engine: str = typer.Option("process", "--engine", help="process: the model steps in a process of its "
+                                         "own, beside the HTTP server's; thread: in the server's process."),
+              replicas: int = typer.Option(1, "--replicas", help="Engine processes, each with the whole model "
+                                           "(CPU only): requests go to the least busy one."),
               log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error.")) -> None:
     """Serve a model over HTTP: OpenAI-compatible chat completions and image generations, a page at /."""
     try:
@@ -345,18 +349,24 @@ def serve_cmd(model: Path = typer.Option(..., "--model", help="A model directory
     if api_key is not None and not api_key.strip():
         raise OmnicoreError("--api-key: must not be empty")
     _at_least("--threads", threads, 1)
+    if engine not in ("process", "thread"):
+        raise OmnicoreError(f"--engine {engine}: use process or thread")
+    _at_least("--replicas", replicas, 1)
+    if replicas > 1 and engine != "process":
+        raise OmnicoreError(f"--replicas {replicas}: replicas are engine processes; use --engine process")
     if log_level not in ("debug", "info", "warning", "error"):
         raise OmnicoreError(f"--log-level {log_level}: use debug, info, warning or error")
     if not model.is_dir():
         raise OmnicoreError(f"--model {model}: not a model directory "
                             f"({'does not exist' if not model.exists() else 'not a directory'})")
-    options = ServeOptions(model_dir=model, device=_device(device), max_batch=max_batch, max_queue=max_queue,
+    dev = _device(device)
+    if replicas > 1 and dev.type != "cpu":
+        raise OmnicoreError(f"--replicas {replicas}: replicas run on the CPU only (--device {dev}: one engine "
+                            "holds the GPU)")
+    options = ServeOptions(model_dir=model, device=dev, max_batch=max_batch, max_queue=max_queue,
                            api_key=api_key, max_body_bytes=int(max_body_mb * (1 << 20)),
-                           limits=Limits(max_n=max_n, max_tokens=max_tokens), name=name)
-    if threads is not None:  # small models on a busy CPU run far faster on one thread than on contended ones
-        import torch
-
-        torch.set_num_threads(threads)
+                           limits=Limits(max_n=max_n, max_tokens=max_tokens), name=name, engine=engine,
+                           threads=threads, replicas=replicas)
     serve(options, host=host, port=port, log_level=log_level)
 
 

@@ -9,6 +9,7 @@ import io
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -158,6 +159,15 @@ def metric(server: Server, name: str, labels: str = "") -> float:
     return float(match.group(1))
 
 
+def settled_metric(server: Server, name: str, labels: str, expected: float, wait_s: float = 10.0) -> float:
+    """The metric once it reads ``expected`` (or after ``wait_s``): the engine reports its counters after each
+    step, so /metrics may trail a response by a step."""
+    deadline = time.monotonic() + wait_s
+    while (value := metric(server, name, labels)) != expected and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return value
+
+
 # --- answers and images equal the Python API's ----------------------------------------------------------------
 @pytest.mark.parametrize("options", [dict(temperature=1.0, top_k=20, seed=5), dict(temperature=0)],
                          ids=["sampled", "greedy"])
@@ -263,13 +273,10 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slots(server):
             assert r.status_code == 200
             lines = r.iter_lines()
             assert next(lines).startswith("data: ")  # the stream is open: the request holds every MMU row
-            assert metric(server, "omni_batch_rows", '{task="mmu"}') == MAX_BATCH
+            assert settled_metric(server, "omni_batch_rows", '{task="mmu"}', MAX_BATCH) == MAX_BATCH
         # leaving the block closes the connection mid-stream
-    deadline = time.monotonic() + 10
-    while metric(server, "omni_batch_rows", '{task="mmu"}') != 0 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert metric(server, "omni_batch_rows", '{task="mmu"}') == 0
-    assert metric(server, "omni_cancelled_requests_total") == cancelled + 1
+    assert settled_metric(server, "omni_batch_rows", '{task="mmu"}', 0) == 0
+    assert settled_metric(server, "omni_cancelled_requests_total", "", cancelled + 1) == cancelled + 1
     r = httpx.post(f"{server.url}/v1/chat/completions", json=chat_body("hi", max_tokens=4, seed=2), headers=AUTH,
                    timeout=60)
     assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("stop", "length")
@@ -419,6 +426,8 @@ def test_the_page_is_served_and_fetches_nothing_from_elsewhere(server):
     (["--max-batch", "0"], "--max-batch: must be at least 1"),
     (["--port", "70000"], "--port: must be at most 65535"),
     (["--max-n", "32", "--max-batch", "64"], "--max-n: at most 16"),
+    (["--engine", "fork"], "--engine fork: use process or thread"),
+    (["--replicas", "2", "--engine", "thread"], "--replicas 2: replicas are engine processes"),
 ])
 def test_serve_refuses_bad_options_in_one_line(model_dir, args, words, capsys):
     from omnicore.cli.main import main
@@ -434,6 +443,128 @@ def test_a_directory_that_is_not_a_model_stops_the_server_with_one_line(tmp_path
     r = subprocess.run([sys.executable, "-m", "omnicore.cli", "serve", "--model", str(tmp_path), "--port", "0",
                         "--device", "cpu", "--log-level", "error"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "not an omnicore model config" in r.stderr.splitlines()[-1], r.stderr
+
+
+# --- where the model steps: the engine process, or a thread of the server's ------------------------------------
+def _children(pid: int) -> dict[int, str]:
+    """pid -> command line of the processes whose parent is ``pid``."""
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == pid:
+                out[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, IndexError, ValueError):
+            continue
+    return out
+
+
+def _engine_pid(server: Server) -> int:
+    engines = [pid for pid, cmd in _children(server.proc.pid).items() if "spawn_main" in cmd]
+    assert len(engines) == 1, _children(server.proc.pid)
+    return engines[0]
+
+
+def _gone(pid: int, wait_s: float) -> bool:
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except FileNotFoundError:
+            return True
+        if stat.rsplit(")", 1)[1].split()[0] == "Z":  # exited, not yet reaped by its (killed) parent
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize("engine", ["thread", "process"])
+def test_both_engines_give_the_python_apis_answers_and_images(model_dir, pipe, images, engine, tmp_path):
+    srv = Server(model_dir, "--engine", engine, "--max-batch", "4", log=tmp_path / "server.log")
+    try:
+        srv.wait_ready()
+        assert bool(_engine_pid(srv) if engine == "process" else not any(
+            "spawn_main" in cmd for cmd in _children(srv.proc.pid).values()))
+        r = httpx.post(f"{srv.url}/v1/chat/completions", timeout=60,
+                       json=chat_body("What shape is it?", images[0], max_tokens=8, temperature=1.0, seed=4))
+        assert r.json()["choices"][0]["message"]["content"] == "".join(
+            pipe.stream_answer(images[0], "What shape is it?", max_new_tokens=8, temperature=1.0, seed=4))
+        r = httpx.post(f"{srv.url}/v1/images/generations", timeout=60,
+                       json={"prompt": "a red circle", "n": 2, "seed": 3, "guidance_scale": 2.0})
+        ref = pipe.generate_images(["a red circle"], n_per_prompt=2, guidance_scale=2.0, seed=3)
+        assert [decode_png(d["b64_json"]) for d in r.json()["data"]] == [im.tobytes() for im in ref]
+    finally:
+        srv.stop()
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_replicas_share_the_requests_and_each_answers_exactly(model_dir, pipe, images, tmp_path):
+    srv = Server(model_dir, "--replicas", "2", "--max-batch", "4", log=tmp_path / "server.log")
+    try:
+        health = srv.wait_ready()
+        engines = [pid for pid, cmd in _children(srv.proc.pid).items() if "spawn_main" in cmd]
+        assert len(engines) == 2
+        assert metric(srv, "omni_batch_capacity_rows", '{task="mmu"}') == 8  # both replicas' rows
+        before = [_cpu_seconds(pid) for pid in engines]
+        questions = [("What shape is it?", images[i % 4], i) for i in range(8)]
+
+        async def run():
+            async with httpx.AsyncClient(timeout=120) as client:
+                return await asyncio.gather(*[client.post(f"{srv.url}/v1/chat/completions", json=chat_body(
+                    q, im, max_tokens=24, temperature=1.0, seed=s)) for q, im, s in questions])
+
+        responses = asyncio.run(run())
+        for (q, im, s), r in zip(questions, responses):
+            assert r.json()["choices"][0]["message"]["content"] == "".join(
+                pipe.stream_answer(im, q, max_new_tokens=24, temperature=1.0, seed=s))
+        used = [_cpu_seconds(pid) - b for pid, b in zip(engines, before)]
+        assert min(used) > 0.2 * max(used), used  # each replica stepped a share of the requests
+        assert health["tasks"] == ["mmu", "t2i"]
+    finally:
+        srv.stop()
+
+
+def test_an_engine_that_dies_fails_its_requests_and_stops_the_server_in_one_line(model_dir, tmp_path):
+    srv = Server(model_dir, "--max-batch", "4", log=tmp_path / "server.log")
+    try:
+        srv.wait_ready()
+        engine = _engine_pid(srv)
+
+        async def run():
+            async with httpx.AsyncClient(timeout=60) as client:
+                body = chat_body("hi", max_tokens=8, temperature=1.0, seed=1, stream=True)
+                os.kill(engine, signal.SIGSTOP)  # the request is in flight when the engine dies
+                async with client.stream("POST", f"{srv.url}/v1/chat/completions", json=body) as r:
+                    lines = r.aiter_lines()
+                    assert (await lines.__anext__()).startswith("data: ")  # the server's own first chunk
+                    os.kill(engine, signal.SIGKILL)
+                    return [line async for line in lines if line]
+
+        rest = asyncio.run(run())
+        assert any("engine stopped" in line for line in rest), rest  # an error event, not a stream left hanging
+        assert srv.proc.wait(30) == 2
+        last = srv.log.read_text().strip().splitlines()[-1]
+        assert "the engine process exited" in last, last
+    finally:
+        srv.stop()
+
+
+def test_a_killed_server_leaves_no_engine_behind(model_dir, tmp_path):
+    srv = Server(model_dir, log=tmp_path / "server.log")
+    try:
+        srv.wait_ready()
+        engine = _engine_pid(srv)
+        srv.proc.kill()
+        srv.proc.wait(10)
+        assert _gone(engine, 15), "the engine outlived its server"
+    finally:
+        srv.stop()
 
 
 # --- the scheduler itself (in this process) ---------------------------------------------------------------------

@@ -429,6 +429,28 @@ def _check_size(spec: dict, state: dict[str, torch.Tensor], config_path: Path) -
                               f"{held:,}; config.json does not belong to these weights")
 
 
+def load_structure(directory: str | os.PathLike) -> UnifiedModel:
+    """A model directory's model without its weights: built on the meta device from config.json, with the
+    tokenizers and MMU layout (which read their own files). For a process that reads requests for a model another
+    process runs (``omni serve``'s HTTP side); its tensors hold no values."""
+    from ..inputs import first_line
+
+    directory = Path(directory)
+    config_path, config = _read_config(directory)
+    spec = config["model"]
+    if spec.get("text_tokenizer"):
+        _resolve_model_dir_paths(spec["text_tokenizer"], directory)
+    try:
+        with torch.device("meta"):
+            model = build_from_spec(spec)
+    except OmnicoreError as exc:
+        raise CheckpointError(f"{config_path}: {exc}") from None
+    except Exception as exc:
+        raise CheckpointError(f"{config_path}: cannot build the model it describes without its weights: "
+                              f"{type(exc).__name__}: {first_line(exc)}") from None
+    return model.eval()
+
+
 def load(directory: str | os.PathLike, device: str | torch.device | None = None) -> UnifiedModel:
     """Restore a model saved by ``UnifiedModel.save`` (or a run's final model), no recipe needed.
 

@@ -52,6 +52,9 @@ class ServeOptions:
     limits: Limits = field(default_factory=Limits)
     name: str | None = None  # the model name clients give; default: the directory's name
     use_graphs: bool | None = None  # None: CUDA graphs on CUDA
+    engine: str = "process"  # "process": the model steps in a process of its own (engine.py); "thread": in this one
+    threads: int | None = None  # torch's CPU threads where the model steps; None: torch's default
+    replicas: int = 1  # engine processes, each with the whole model (CPU only); requests go to the least busy
 
     @property
     def served_name(self) -> str:
@@ -73,23 +76,46 @@ class Service:
         self.on_failure = None  # called (from the loading thread) when loading fails: the CLI stops the server
 
     def load(self) -> None:
-        import omnicore
-
         try:
             t = time.perf_counter()
-            model = omnicore.load(self.options.model_dir, device=self.options.device)
-            scheduler = Scheduler(model, self.options.max_batch, self.options.max_queue, self.options.use_graphs)
-            scheduler.warm_up()
-            scheduler.start()
+            model, scheduler = self._start_engine() if self.options.engine == "process" else self._start_thread()
             self.model, self.scheduler = model, scheduler
             self.metrics.watch(scheduler)
             self.status = "ready"
-            log.info("model %s ready in %.1f s (%s)", self.name, time.perf_counter() - t, self.options.device)
+            log.info("model %s ready in %.1f s (%s, engine: %s)", self.name, time.perf_counter() - t,
+                     self.options.device, self.options.engine)
         except Exception as exc:
-            self.status, self.error = "failed", f"{type(exc).__name__}: {first_line(exc)}"
-            log.error("loading the model failed: %s", self.error)
-            if self.on_failure is not None:
-                self.on_failure(self.error)
+            self._fail(f"{type(exc).__name__}: {first_line(exc)}", "loading the model failed")
+
+    def _start_thread(self):
+        import omnicore
+
+        if self.options.threads is not None:
+            torch.set_num_threads(self.options.threads)
+        model = omnicore.load(self.options.model_dir, device=self.options.device)
+        scheduler = Scheduler(model, self.options.max_batch, self.options.max_queue, self.options.use_graphs)
+        scheduler.warm_up()
+        scheduler.start()
+        return model, scheduler
+
+    def _start_engine(self):
+        from ..model.unified import load_structure
+        from .engine import EngineConfig, EngineGroup
+
+        o = self.options
+        torch.set_num_threads(1)  # this process's own torch work is image transforms; the cores go to the engine
+        model = load_structure(o.model_dir)  # tokenizers, layout and sizes to read requests with; no weights
+        config = EngineConfig(str(o.model_dir), str(o.device), o.max_batch, o.max_queue, o.use_graphs, o.threads)
+        engine = EngineGroup([config] * o.replicas, o.max_queue)
+        engine.on_exit = lambda error: self._fail(error, "the engine stopped")
+        engine.start()
+        return model, engine
+
+    def _fail(self, error: str, what: str) -> None:
+        self.status, self.error = "failed", error
+        log.error("%s: %s", what, error)
+        if self.on_failure is not None:
+            self.on_failure(error)
 
     def stop(self) -> None:
         if self.scheduler is not None:

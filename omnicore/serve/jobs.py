@@ -15,15 +15,21 @@ from ..generation.sampling import Sampling
 
 @dataclass
 class Job:
+    task = ""  # the pool that runs it: "mmu" or "t2i" (a class attribute, not a field)
     n: int  # sequences (answers or images) drawn together from one noise stream, as the Python API draws them
     sampling: Sampling  # seed set: the server picks one when the client gave none
     emit: Callable[[tuple], None]
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
+    on_cancel: Callable[[], None] | None = field(default=None, repr=False)  # an engine process forwards the cancel
 
     def cancel(self) -> None:
         """Called from any thread: the scheduler drops the job and frees its rows at its next step boundary."""
+        if self.cancelled.is_set():
+            return
         self.cancelled.set()
+        if self.on_cancel is not None:
+            self.on_cancel()
 
     def rule(self) -> tuple:
         """Jobs with the same rule are sampled by one call (sampling.pick_token takes one rule for all its rows)."""
@@ -38,6 +44,7 @@ class TextJob(Job):
 
     question_ids: list[int] = field(default_factory=list)
     pixels: torch.Tensor | None = None  # (3, S, S) on the CPU, the encoder's transform applied; None: text only
+    task = "mmu"  # the pool that runs it
 
     @property
     def rows(self) -> int:
@@ -51,6 +58,7 @@ class ImageJob(Job):
     prompt: str = ""
     guidance_scale: float = 1.0
     negative_prompt: str | None = None
+    task = "t2i"
 
     @property
     def guided(self) -> bool:

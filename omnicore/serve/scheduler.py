@@ -48,6 +48,7 @@ class Scheduler:
         self._held = {task: 0 for task in self.pools}  # steps the waiting jobs of a busy pool were held back
         self._intake: queue.SimpleQueue = queue.SimpleQueue()
         self._pending = 0  # submitted, not yet admitted (or dropped)
+        self.taken = 0  # jobs ever taken from the queue (admitted or dropped)
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -62,7 +63,7 @@ class Scheduler:
     # --- called from the server --------------------------------------------------------------------
     def submit(self, job: Job) -> None:
         """Queue ``job``; raises QueueFull when ``max_queue`` jobs are already waiting."""
-        task = "mmu" if isinstance(job, TextJob) else "t2i"
+        task = job.task
         if task not in self.pools:
             raise ValueError(f"this model cannot serve {task} requests")
         with self._lock:
@@ -110,7 +111,7 @@ class Scheduler:
                 job = self._intake.get_nowait()
             except queue.Empty:
                 break
-            self.waiting["mmu" if isinstance(job, TextJob) else "t2i"].append(job)
+            self.waiting[job.task].append(job)
         with torch.inference_mode():
             for task, pool in self.pools.items():
                 self.cancelled += len(pool.drop_cancelled())
@@ -178,6 +179,7 @@ class Scheduler:
     def _took(self, job: Job) -> None:
         with self._lock:
             self._pending -= 1
+            self.taken += 1
 
     def _release_memory(self) -> None:
         if self.model.device.type == "cuda":
