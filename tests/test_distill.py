@@ -115,11 +115,14 @@ def test_student_prefill_and_steps_equal_its_full_forward_and_batches_equal_one_
 
 
 def test_student_saves_as_a_model_directory_that_load_serves(teacher, tmp_path):
+    from test_distill_import import assert_structure_reads_requests_as
+
     from omnicore.distill.student import make_student
 
     student = make_student(teacher, hybrid=[2], mixer_options={"dt_max": 0.05}).eval()
     student.save(tmp_path / "student")
     loaded = omnicore.load(tmp_path / "student")
+    assert_structure_reads_requests_as(loaded, tmp_path / "student")
     assert loaded.config["model"]["backbone"]["type"] == "student"
     assert loaded.config["model"]["backbone"]["params"]["hybrid"] == [2]
     for k, v in student.state_dict().items():

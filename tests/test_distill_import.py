@@ -229,6 +229,24 @@ def _release(tmp_path: Path, tokenizer: Path, hybrid: list[int], position_grid: 
     return write_release(tmp_path / "release", tensors, config, tokenizer), tensors
 
 
+def assert_structure_reads_requests_as(model, directory) -> None:
+    """``omni serve``'s HTTP side reads requests with the model built without weights: same prompt ids, image
+    transform and sizes as the loaded model."""
+    from PIL import Image
+
+    from omnicore.model.unified import load_structure
+
+    shell = load_structure(directory)
+    assert next(shell.parameters()).device.type == "meta"
+    question = "What is in the picture?"
+    assert shell.layout.question_ids(question) == model.layout.question_ids(question)
+    assert shell.mmu_prefix_len == model.mmu_prefix_len and shell.image_size == model.image_size
+    image = Image.new("RGB", (40, 30), "red")
+    assert torch.equal(shell.encoder.image_transform()(image), model.encoder.image_transform()(image))
+    assert shell.text_tokenizer.decode(model.layout.question_ids(question)) == \
+        model.text_tokenizer.decode(model.layout.question_ids(question))
+
+
 @pytest.mark.parametrize("hybrid, position_grid", [([], 4), ([1, 3], 2)])
 def test_an_mmmamba_release_imports_and_computes_hovle_with_its_layers(hybrid, position_grid, tokenizer, tmp_path):
     """Every tensor lands; logits on an image + question equal the reference; answer() runs and is its greedy."""
@@ -238,6 +256,7 @@ def test_an_mmmamba_release_imports_and_computes_hovle_with_its_layers(hybrid, p
 
     release, t = _release(tmp_path, tokenizer, hybrid, position_grid)
     model = omnicore.load(convert_mmmamba(release, tmp_path / "imported"))
+    assert_structure_reads_requests_as(model, tmp_path / "imported")
     info = model.config["imported_from"]
     assert info["not_imported"] == [] and info["unused"] == ["language_model.model.tok_embeddings.weight"]
     assert info["layers"] == {"embedding": N_EMB, "language_model": N_LLM}
