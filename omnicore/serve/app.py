@@ -1,4 +1,5 @@
-"""The HTTP application: OpenAI-compatible endpoints, health, metrics and the page, over one Scheduler.
+"""The HTTP application: OpenAI-compatible endpoints, health, metrics and the page, over one scheduler (in an engine
+process, engine.py, or in a thread of this one).
 
 The model loads (and warms up) in a background thread after the server starts listening: ``GET /health`` says
 ``loading`` (503) until it is ``ready``. Every refusal is a JSON error ``{"error": {"message", "type", "param",

@@ -373,7 +373,10 @@ def _intake(conn, scheduler: Scheduler, outbox: _Outbox) -> None:
         ident, spec = message[1], message[2]
         job = _job(spec, lambda event, ident=ident: _report(jobs, outbox, ident, event))
         jobs[ident] = job
-        scheduler.submit(job)
+        try:
+            scheduler.submit(job)
+        except Exception as exc:  # noqa: BLE001 - this job fails; the intake goes on
+            job.emit(("error", f"the engine refused this request: {first_line(exc)}"))
     scheduler.stop()
 
 
