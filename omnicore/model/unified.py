@@ -433,22 +433,26 @@ def load_structure(directory: str | os.PathLike) -> UnifiedModel:
     """A model directory's model without its weights: built on the meta device from config.json, with the
     tokenizers and MMU layout (which read their own files). For a process that reads requests for a model another
     process runs (``omni serve``'s HTTP side); its tensors hold no values."""
-    from ..inputs import first_line
-
     directory = Path(directory)
     config_path, config = _read_config(directory)
     spec = config["model"]
     if spec.get("text_tokenizer"):
         _resolve_model_dir_paths(spec["text_tokenizer"], directory)
+    with torch.device("meta"):
+        return _build_described(spec, config_path).eval()
+
+
+def _build_described(spec: dict, config_path: Path) -> UnifiedModel:
+    """The model a config.json describes; what cannot be built is one line naming the file."""
+    from ..inputs import first_line
+
     try:
-        with torch.device("meta"):
-            model = build_from_spec(spec)
+        return build_from_spec(spec)
     except OmnicoreError as exc:
         raise CheckpointError(f"{config_path}: {exc}") from None
-    except Exception as exc:
-        raise CheckpointError(f"{config_path}: cannot build the model it describes without its weights: "
+    except Exception as exc:  # a component factory given values of the wrong kind by a hand-edited config
+        raise CheckpointError(f"{config_path}: cannot build the model it describes: "
                               f"{type(exc).__name__}: {first_line(exc)}") from None
-    return model.eval()
 
 
 def load(directory: str | os.PathLike, device: str | torch.device | None = None) -> UnifiedModel:
@@ -473,13 +477,7 @@ def load(directory: str | os.PathLike, device: str | torch.device | None = None)
     if spec.get("text_tokenizer"):
         _resolve_model_dir_paths(spec["text_tokenizer"], directory)
     _check_size(spec, state, config_path)
-    try:
-        model = build_from_spec(spec)
-    except OmnicoreError as exc:
-        raise CheckpointError(f"{config_path}: {exc}") from None
-    except Exception as exc:  # a component factory given values of the wrong kind by a hand-edited config
-        raise CheckpointError(f"{config_path}: cannot build the model it describes: "
-                              f"{type(exc).__name__}: {first_line(exc)}") from None
+    model = _build_described(spec, config_path)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shapes that differ from the config's
