@@ -183,6 +183,7 @@ class EngineProcess:
                 if job is not None:
                     job.emit(event)
         if not self._stopping:  # the engine died under us: fail what it held, and say so
+            self._process.join(5)  # reaped, so that its exit code is known
             self.error = f"the engine process exited (code {self._process.exitcode})"
             log.error("%s; its requests get an error", self.error)
             with self._lock:
