@@ -446,6 +446,11 @@ def test_a_directory_that_is_not_a_model_stops_the_server_with_one_line(tmp_path
 
 
 # --- where the model steps: the engine process, or a thread of the server's ------------------------------------
+def _stat(pid: int) -> list[str]:
+    """The fields of /proc/PID/stat after the command name: state, ppid, ... (utime and stime at 11 and 12)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def _children(pid: int) -> dict[int, str]:
     """pid -> command line of the processes whose parent is ``pid``."""
     out = {}
@@ -453,7 +458,7 @@ def _children(pid: int) -> dict[int, str]:
         if not entry.name.isdigit():
             continue
         try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            ppid = int(_stat(int(entry.name))[1])
             if ppid == pid:
                 out[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
         except (OSError, IndexError, ValueError):
@@ -471,10 +476,10 @@ def _gone(pid: int, wait_s: float) -> bool:
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
         try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
+            state = _stat(pid)[0]
         except FileNotFoundError:
             return True
-        if stat.rsplit(")", 1)[1].split()[0] == "Z":  # exited, not yet reaped by its (killed) parent
+        if state == "Z":  # exited, not yet reaped by its (killed) parent
             return True
         time.sleep(0.05)
     return False
@@ -499,7 +504,7 @@ def test_the_thread_engine_gives_the_python_apis_answers_and_images(model_dir, p
 
 
 def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    fields = _stat(pid)
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 

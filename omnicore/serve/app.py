@@ -106,7 +106,7 @@ class Service:
         o = self.options
         torch.set_num_threads(1)  # this process's own torch work is image transforms; the cores go to the engine
         model = load_structure(o.model_dir)  # tokenizers, layout and sizes to read requests with; no weights
-        config = EngineConfig(str(o.model_dir), str(o.device), o.max_batch, o.max_queue, o.use_graphs, o.threads)
+        config = EngineConfig(str(o.model_dir), str(o.device), o.max_batch, o.use_graphs, o.threads)
         engine = EngineGroup([config] * o.replicas, o.max_queue)
         engine.on_exit = lambda error: self._fail(error, "the engine stopped")
         engine.start()

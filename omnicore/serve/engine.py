@@ -5,8 +5,9 @@ turns for Python's interpreter lock, so a loaded server uses about one core howe
 process runs nothing but batched steps, and the server process talks to it over a pipe: jobs and cancellations go
 in, a step's events for every job come back as one message, with the scheduler's counters for /metrics.
 
-``EngineProcess`` offers the server the part of ``Scheduler``'s interface it uses (``submit``, ``pools``,
-``queue_depth``, ``running``, ``rows_used``, the counters), so the handlers do not know which of the two they hold.
+``EngineGroup`` (one engine process or several replicas) offers the server the part of ``Scheduler``'s interface it
+uses (``submit``, ``pools``, ``queue_depth``, ``running``, ``rows_used``, the counters), so the handlers do not know
+which of the two they hold.
 Messages are pickled: both ends are this package's own processes, joined by an anonymous pipe.
 """
 
@@ -37,7 +38,6 @@ class EngineConfig:
     model_dir: str
     device: str
     max_batch: int
-    max_queue: int
     use_graphs: bool | None
     threads: int | None  # torch's CPU threads in the engine; None: torch's default
 
@@ -49,11 +49,11 @@ class PoolInfo:
 
 # --- the server's side --------------------------------------------------------------------------------------------
 class EngineProcess:
-    """A Scheduler in a spawned process. ``start`` returns once the model there is loaded and warm."""
+    """A Scheduler in a spawned process: ``launch`` it, then ``wait_ready`` until the model there is loaded and warm.
+    The queue limit is its EngineGroup's."""
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        self.max_queue = config.max_queue
         self.pools: dict[str, PoolInfo] = {}
         self.steps: dict[str, int] = {}
         self.stepped_requests: dict[str, int] = {}
@@ -70,10 +70,6 @@ class EngineProcess:
         self._process = None
         self._conn = None
         self._sender: threading.Thread | None = None
-
-    def start(self, timeout: float = 1800.0) -> None:
-        self.launch()
-        self.wait_ready(timeout)
 
     def launch(self) -> None:
         ctx = multiprocessing.get_context("spawn")  # never fork a process that holds threads (and maybe CUDA)
@@ -114,8 +110,6 @@ class EngineProcess:
         with self._lock:
             if self._process is None or not self._process.is_alive():
                 raise RuntimeError("the engine process is not running")
-            if self.queue_depth >= self.max_queue:
-                raise QueueFull(f"{self.queue_depth} requests are waiting (the queue limit)")
             ident = self._next_id
             self._next_id += 1
             self._sent += 1
