@@ -48,15 +48,31 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _graphed_step(backbone, head, state, token: torch.Tensor):
+    """One greedy decode step (embedding, backbone step, LM head, argmax) captured as a CUDA graph reading and
+    writing ``token`` in place; both models' steps are graph-safe (static shapes, the cache offset a tensor). Two
+    eager steps first compile the kernels; the capture itself advances the state by one more token."""
+    token = token.clone()
+    for _ in range(2):
+        token.copy_(head.logits(backbone(head.embed(token), state=state)).argmax(-1))
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        token.copy_(head.logits(backbone(head.embed(token), state=state)).argmax(-1))
+    return graph, token
+
+
 @torch.no_grad()
 def measure(backbone, head, length: int, new_tokens: int, chunk: int, device: torch.device,
-            dtype: torch.dtype) -> dict:
-    """Prefill ``length`` random embeddings in chunks, then decode ``new_tokens`` greedily; times and peak memory."""
+            dtype: torch.dtype, graph: bool = False) -> dict:
+    """Prefill ``length`` random embeddings in chunks, then decode ``new_tokens`` greedily (each step a CUDA graph
+    replay with ``graph``); times and peak memory."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     g = torch.Generator(device=device).manual_seed(length)
-    state = backbone.allocate_inference_state(1, length + new_tokens, dtype=dtype, device=device)
+    state = backbone.allocate_inference_state(1, length + new_tokens + (3 if graph else 0), dtype=dtype,
+                                              device=device)
     _sync(device)
     t0 = time.perf_counter()
     h = None
@@ -66,9 +82,16 @@ def measure(backbone, head, length: int, new_tokens: int, chunk: int, device: to
     token = head.logits(h[:, -1:]).argmax(-1)
     _sync(device)
     t1 = time.perf_counter()
-    for _ in range(new_tokens):
-        h = backbone(head.embed(token), state=state)
-        token = head.logits(h).argmax(-1)
+    if graph:
+        step, token = _graphed_step(backbone, head, state, token)
+        _sync(device)
+        t1 = time.perf_counter()
+        for _ in range(new_tokens):
+            step.replay()
+    else:
+        for _ in range(new_tokens):
+            h = backbone(head.embed(token), state=state)
+            token = head.logits(h).argmax(-1)
     _sync(device)
     t2 = time.perf_counter()
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
@@ -87,6 +110,8 @@ def main() -> None:
                                                              "attention mask is chunk x length")
     ap.add_argument("--hybrid-every", type=int, default=4, help="the hybrid keeps layers 0, k, 2k, ... as attention")
     ap.add_argument("--dtype", default=None, help="bfloat16 on CUDA, float32 on CPU")
+    ap.add_argument("--eager", action="store_true", help="decode step by step in Python (default on CUDA: each "
+                                                          "model's decode step replayed as a CUDA graph)")
     args = ap.parse_args()
     device = torch.device(args.device)
     dims = TINY if args.tiny else FULL
@@ -94,18 +119,20 @@ def main() -> None:
     new_tokens = args.new_tokens or (8 if args.tiny else 256)
     chunk = args.chunk or (32 if args.tiny else 4096)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    graph = device.type == "cuda" and not args.eager
     models, head = build(dims, max(lengths) + new_tokens, device, dtype, args.hybrid_every)
     name = "tiny" if args.tiny else "InternLM2-1.8B-shaped"
     print(f"{name} teacher vs students on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
-          f"{dtype}, batch 1, +{new_tokens} tokens, prefill chunk {chunk}")
+          f"{dtype}, batch 1, +{new_tokens} tokens, prefill chunk {chunk}, decode "
+          f"{'one CUDA graph a step' if graph else 'eager'}")
     for backbone in models.values():  # warm-up: kernels, allocator, first-call setup
-        measure(backbone, head, min(lengths), 4, chunk, device, dtype)
+        measure(backbone, head, min(lengths), 4, chunk, device, dtype, graph)
     rows = []
     for length in lengths:
         base = None
         for label, backbone in models.items():
             try:
-                r = measure(backbone, head, length, new_tokens, chunk, device, dtype)
+                r = measure(backbone, head, length, new_tokens, chunk, device, dtype, graph)
             except torch.cuda.OutOfMemoryError:
                 r = None
             if label == "teacher":

@@ -45,11 +45,28 @@ def attention_heads(attn, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tenso
             k, v = k[:, :, : ctx.kv_len], v[:, :, : ctx.kv_len]
         k, v = k.to(q.dtype), v.to(q.dtype)
     groups = q.shape[1] // k.shape[1]
+    if l == 1 and cache is not None:
+        return _one_token_attention(q, k, v, ctx.attn_mask, attn.scaling).reshape(b, 1, -1)
     if groups > 1:  # query head h reads kv head h // groups (transformers' repeat_kv)
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.attn_mask, is_causal=ctx.attn_mask is None and l > 1,
                                          scale=attn.scaling)
     return out.transpose(1, 2).reshape(b, l, -1)
+
+
+def _one_token_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor,
+                         scale: float) -> torch.Tensor:
+    """One query per row over a cache: q (B, H, 1, d), k/v (B, kv_heads, K, d), allowed (B, 1, 1, K) ->
+    (B, H, d). The query heads of a group read their kv head in one product, so the cache is read once and
+    never copied per query head (the repeat above would write and read it ``groups`` times more); a decode step
+    is bound by that read at long contexts."""
+    b, h, _, d = q.shape
+    kv = k.shape[1]
+    qg = q.reshape(b, kv, h // kv, d)  # head h reads kv head h // groups, as repeat_kv orders them
+    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # (B, kv, groups, K)
+    scores = scores.masked_fill(~allowed.reshape(b, 1, 1, -1), float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    return torch.matmul(probs, v).reshape(b, h, d)
 
 
 def decoder_layer(layer, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: AttentionContext,
