@@ -15,6 +15,7 @@ speed-up and memory against the teacher's. One table, one run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
 import torch
@@ -40,7 +41,36 @@ def build(dims: dict, max_len: int, device: torch.device, dtype: torch.dtype, hy
     models = {"teacher": teacher,
               "linear": StudentBackbone.from_teacher(teacher).to(device, dtype).eval(),
               f"hybrid 1/{hybrid_every}": StudentBackbone.from_teacher(teacher, hybrid).to(device, dtype).eval()}
+    for m in models.values():  # parked on the host; each goes to the device for its own measurement
+        m.to("cpu")
     return models, head
+
+
+@contextlib.contextmanager
+def resident(backbone, device: torch.device):
+    """Only the measured backbone (and the shared head) on the device, so each peak is that model's alone."""
+    backbone.to(device)
+    try:
+        yield
+    finally:
+        backbone.to("cpu")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+@torch.no_grad()
+def profile_decode(label: str, backbone, head, length: int, device: torch.device, dtype: torch.dtype) -> None:
+    """The GPU kernels of 8 eager decode steps after a ``length``-token cache, top 12 by time."""
+    state = backbone.allocate_inference_state(1, length + 16, dtype=dtype, device=device)
+    backbone(torch.zeros(1, length, backbone.d_model, device=device, dtype=dtype), state=state)
+    token = torch.zeros(1, 1, dtype=torch.long, device=device)
+    _sync(device)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(8):
+            token = head.logits(backbone(head.embed(token), state=state)).argmax(-1)
+        _sync(device)
+    print(f"--- {label}: 8 decode steps after {length} tokens, GPU kernels")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=70))
 
 
 def _sync(device: torch.device) -> None:
@@ -110,6 +140,8 @@ def main() -> None:
                                                              "attention mask is chunk x length")
     ap.add_argument("--hybrid-every", type=int, default=4, help="the hybrid keeps layers 0, k, 2k, ... as attention")
     ap.add_argument("--dtype", default=None, help="bfloat16 on CUDA, float32 on CPU")
+    ap.add_argument("--profile", action="store_true", help="also print each model's top GPU kernels over 8 eager "
+                                                            "decode steps at the shortest length")
     ap.add_argument("--eager", action="store_true", help="decode step by step in Python (default on CUDA: each "
                                                           "model's decode step replayed as a CUDA graph)")
     args = ap.parse_args()
@@ -125,14 +157,18 @@ def main() -> None:
     print(f"{name} teacher vs students on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
           f"{dtype}, batch 1, +{new_tokens} tokens, prefill chunk {chunk}, decode "
           f"{'one CUDA graph a step' if graph else 'eager'}")
-    for backbone in models.values():  # warm-up: kernels, allocator, first-call setup
-        measure(backbone, head, min(lengths), 4, chunk, device, dtype, graph)
+    for label, backbone in models.items():  # warm-up: kernels (a prefill of two chunks), allocator, first calls
+        with resident(backbone, device):
+            measure(backbone, head, min(min(lengths), 2 * chunk), 4, chunk, device, dtype, graph)
+            if args.profile:
+                profile_decode(label, backbone, head, min(lengths), device, dtype)
     rows = []
     for length in lengths:
         base = None
         for label, backbone in models.items():
             try:
-                r = measure(backbone, head, length, new_tokens, chunk, device, dtype, graph)
+                with resident(backbone, device):
+                    r = measure(backbone, head, length, new_tokens, chunk, device, dtype, graph)
             except torch.cuda.OutOfMemoryError:
                 r = None
             if label == "teacher":

@@ -395,3 +395,21 @@ def test_init_from_a_hugging_face_directory_loads_backbone_and_text_head(tmp_pat
     tied = omnicore.build({**spec, "heads": {"text": {"type": "text_vocab"}}})
     with pytest.raises(CheckpointError, match="'lm_head.weight' differs from 'model.embed_tokens.weight'"):
         _load_init_weights(tied, str(directory), "stages.s.init_from")
+
+
+@pytest.mark.parametrize("keys", [7, 1024, 2500])
+def test_one_token_attention_over_a_cache_is_grouped_query_attention(keys):
+    """The decode step's attention (grouped product, the cache split in blocks of keys) equals scaled dot-product
+    attention over the cache with kv heads repeated, masked keys left out, on both sides of a block boundary."""
+    from omnicore.plugins.backbones.transformer.attention import _one_token_attention
+
+    g = torch.Generator().manual_seed(keys)
+    q = torch.randn(2, 8, 1, 16, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(2, 4, keys, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    allowed = torch.rand(2, 1, 1, keys, generator=g) < 0.6
+    allowed[..., 0] = True
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1), attn_mask=allowed, scale=0.25)[:, :, 0]
+    got = _one_token_attention(q, k, v, allowed, 0.25)
+    assert got.shape == (2, 8, 16)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)

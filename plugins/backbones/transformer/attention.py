@@ -54,6 +54,9 @@ def attention_heads(attn, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tenso
     return out.transpose(1, 2).reshape(b, l, -1)
 
 
+_SPLIT = 1024  # keys per block of the split product in _one_token_attention
+
+
 def _one_token_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor,
                          scale: float) -> torch.Tensor:
     """One query per row over a cache: q (B, H, 1, d), k/v (B, kv_heads, K, d), allowed (B, 1, 1, K) ->
@@ -61,12 +64,20 @@ def _one_token_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allo
     never copied per query head (the repeat above would write and read it ``groups`` times more); a decode step
     is bound by that read at long contexts."""
     b, h, _, d = q.shape
-    kv = k.shape[1]
+    kv, n = k.shape[1], k.shape[2]
     qg = q.reshape(b, kv, h // kv, d)  # head h reads kv head h // groups, as repeat_kv orders them
     scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # (B, kv, groups, K)
     scores = scores.masked_fill(~allowed.reshape(b, 1, 1, -1), float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(v.dtype)
-    return torch.matmul(probs, v).reshape(b, h, d)
+    # probs @ v reduces over the whole cache with a tiny output (groups x d per kv head): as one product it runs
+    # on a handful of GPU blocks; split the cache into blocks of _SPLIT keys (one product each, batched) and sum
+    whole = n // _SPLIT * _SPLIT
+    out = torch.matmul(probs[..., whole:], v[:, :, whole:]).float()
+    if whole:
+        parts = torch.matmul(probs[..., :whole].unflatten(-1, (-1, _SPLIT)).transpose(2, 3),
+                             v[:, :, :whole].unflatten(2, (-1, _SPLIT)))  # (B, kv, blocks, groups, d)
+        out = out + parts.float().sum(2)
+    return out.to(v.dtype).reshape(b, h, d)
 
 
 def decoder_layer(layer, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: AttentionContext,
