@@ -3,6 +3,8 @@ runs and kills: test_distributed.py)."""
 
 from __future__ import annotations
 
+import copy
+
 import json
 import os
 import subprocess
@@ -99,6 +101,22 @@ def test_save_and_load_restore_the_same_model(tiny_model, tmp_path):
         assert torch.equal(m.loss("t2i", batch), loaded.loss("t2i", batch))
     for (k, a), (k2, b) in zip(m.state_dict().items(), loaded.state_dict().items()):
         assert k == k2 and torch.equal(a, b), k
+
+
+def test_a_model_saved_in_bfloat16_loads_in_bfloat16(tiny_model, tmp_path):
+    """The saved type is kept (a bf16 model served in float32 ran its GPU decoding several times slower);
+    ``dtype`` overrides it, and the values are the saved ones either way."""
+    m = copy.deepcopy(tiny_model).eval().to(torch.bfloat16)
+    m.save(tmp_path / "m")
+    loaded = omnicore.load(tmp_path / "m")
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    for (k, a), (k2, b) in zip(m.state_dict().items(), loaded.state_dict().items()):
+        assert k == k2 and torch.equal(a, b), k
+    wide = omnicore.load(tmp_path / "m", dtype=torch.float32)
+    assert {p.dtype for p in wide.parameters()} == {torch.float32}
+    assert all(torch.equal(a.float(), b) for a, b in zip(m.state_dict().values(), wide.state_dict().values()))
+    with pytest.raises(OmnicoreError, match="floating-point"):
+        omnicore.load(tmp_path / "m", dtype=torch.int64)
 
 
 def test_load_rejects_non_model_dirs(tmp_path):

@@ -455,10 +455,13 @@ def _build_described(spec: dict, config_path: Path) -> UnifiedModel:
                               f"{type(exc).__name__}: {first_line(exc)}") from None
 
 
-def load(directory: str | os.PathLike, device: str | torch.device | None = None) -> UnifiedModel:
+def load(directory: str | os.PathLike, device: str | torch.device | None = None,
+         dtype: torch.dtype | None = None) -> UnifiedModel:
     """Restore a model saved by ``UnifiedModel.save`` (or a run's final model), no recipe needed.
 
-    The safetensors files are read (and so checked) before the model is built; nothing is unpickled."""
+    ``dtype``: the floating-point type of the restored model; None keeps the saved one when every saved floating
+    tensor has the same type (a model saved in bfloat16 loads in bfloat16), else float32. The safetensors files
+    are read (and so checked) before the model is built; nothing is unpickled."""
     from ..inputs import first_line
 
     directory = Path(directory)
@@ -478,6 +481,12 @@ def load(directory: str | os.PathLike, device: str | torch.device | None = None)
         _resolve_model_dir_paths(spec["text_tokenizer"], directory)
     _check_size(spec, state, config_path)
     model = _build_described(spec, config_path)
+    if dtype is None:
+        kinds = {t.dtype for t in state.values() if t.is_floating_point()}
+        dtype = kinds.pop() if len(kinds) == 1 else torch.float32
+    if not dtype.is_floating_point:
+        raise OmnicoreError(f"load: dtype must be a floating-point type, got {dtype}")
+    model.to(dtype)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shapes that differ from the config's
