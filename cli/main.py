@@ -58,6 +58,23 @@ def _seed(value: int | None) -> None:
         raise OmnicoreError(f"--seed: must fit in 64 bits (got {value})")
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+DTYPE_HELP = "float32, bfloat16 or float16 (default: the type the model was saved in)."
+
+
+def _dtype(name: Optional[str]) -> Optional[str]:
+    """--dtype as given: None (the saved type) or one of DTYPES; anything else is a one-line error."""
+    if name is not None and name not in DTYPES:
+        raise OmnicoreError(f"--dtype {name}: use {', '.join(DTYPES)}")
+    return name
+
+
+def _torch_dtype(name: Optional[str]):
+    import torch
+
+    return None if name is None else getattr(torch, name)
+
+
 def _device(name: Optional[str]):
     from omnicore.runner import pick_device
 
@@ -200,7 +217,8 @@ def generate_cmd(prompts: list[str] = typer.Argument(..., help="Captions to draw
                  top_p: Optional[float] = typer.Option(None, "--top-p"),
                  seed: Optional[int] = typer.Option(None, "--seed"),
                  batch_size: int = typer.Option(16, "--batch-size"),
-                 device: Optional[str] = typer.Option(None, "--device")) -> None:
+                 device: Optional[str] = typer.Option(None, "--device"),
+                 dtype: Optional[str] = typer.Option(None, "--dtype", help=DTYPE_HELP)) -> None:
     """Generate images from text prompts: a PNG per image and a grid."""
     from rich.progress import Progress
 
@@ -217,8 +235,8 @@ def generate_cmd(prompts: list[str] = typer.Argument(..., help="Captions to draw
     if negative_prompt is not None and guidance_scale == 1.0:
         raise OmnicoreError("--negative-prompt: has no effect at --guidance-scale 1; give a guidance scale (e.g. 4)")
     _output_dir("--out", out)
-    dev = _device(device)
-    pipe = omnicore.load(model, device=dev)
+    dev, dtype = _device(device), _dtype(dtype)
+    pipe = omnicore.load(model, device=dev, dtype=_torch_dtype(dtype))
     note = caption_truncation(pipe, prompts, [negative_prompt])
     if note:  # once for the whole call, not once per batch
         err_console.print(f"warning: {note}", markup=False, highlight=False, soft_wrap=True)
@@ -245,16 +263,17 @@ def ask_cmd(image: Optional[str] = typer.Argument(..., help="Image file ('-' for
             model: Path = typer.Option(..., "--model", help="A model directory (omnicore.load)."),
             max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
             temperature: float = typer.Option(0.0, "--temperature", help="0: greedy."),
-            device: Optional[str] = typer.Option(None, "--device")) -> None:
+            device: Optional[str] = typer.Option(None, "--device"),
+            dtype: Optional[str] = typer.Option(None, "--dtype", help=DTYPE_HELP)) -> None:
     """Answer a question about an image, streaming the answer to the terminal."""
     from omnicore.inputs import open_image
 
     _at_least("--max-new-tokens", max_new_tokens, 1)
     _finite("--temperature", temperature)
     _at_least("--temperature", temperature, 0)
-    dev = _device(device)
+    dev, dtype = _device(device), _dtype(dtype)
     picture = None if image == "-" else open_image(image)  # a bad image fails before the model loads
-    pipe = omnicore.load(model, device=dev)
+    pipe = omnicore.load(model, device=dev, dtype=_torch_dtype(dtype))
     for piece in pipe.stream_answer(picture, question, max_new_tokens=max_new_tokens, temperature=temperature):
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -305,6 +324,7 @@ def serve_cmd(model: Path = typer.Option(..., "--model", help="A model directory
               port: int = typer.Option(8000, "--port", help="Port to listen on (0: any free port)."),
               device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: cuda if "
                                                    "available)."),
+              dtype: Optional[str] = typer.Option(None, "--dtype", help="The type the model runs in: " + DTYPE_HELP),
               max_batch: int = typer.Option(32, "--max-batch", help="Sequences decoding at once per task (answers; "
                                             "images, each with its guidance row)."),
               max_queue: int = typer.Option(256, "--max-queue", help="Requests waiting beyond the running batch; "
@@ -359,14 +379,14 @@ def serve_cmd(model: Path = typer.Option(..., "--model", help="A model directory
     if not model.is_dir():
         raise OmnicoreError(f"--model {model}: not a model directory "
                             f"({'does not exist' if not model.exists() else 'not a directory'})")
-    dev = _device(device)
+    dev, dtype = _device(device), _dtype(dtype)
     if replicas > 1 and dev.type != "cpu":
         raise OmnicoreError(f"--replicas {replicas}: replicas run on the CPU only (--device {dev}: one engine "
                             "holds the GPU)")
     options = ServeOptions(model_dir=model, device=dev, max_batch=max_batch, max_queue=max_queue,
                            api_key=api_key, max_body_bytes=int(max_body_mb * (1 << 20)),
                            limits=Limits(max_n=max_n, max_tokens=max_tokens), name=name, engine=engine,
-                           threads=threads, replicas=replicas)
+                           threads=threads, replicas=replicas, dtype=dtype)
     serve(options, host=host, port=port, log_level=log_level)
 
 

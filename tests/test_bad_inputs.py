@@ -591,6 +591,8 @@ def test_usage_errors_exit_2_with_usage(capfd, argv, message):
     ["ask", "-", "q", "--max-new-tokens", "-1"],
     ["ask", "-", "q", "--max-new-tokens", "0"],
     ["ask", "-", "q", "--temperature", "-1"],
+    ["ask", "-", "q", "--dtype", "half"],
+    ["generate", "a", "--dtype", "int8"],
     ["pretokenize", ".", "--out", "o.jsonl", "--batch-size", "0"],
     ["pretokenize", ".", "--out", "o.jsonl", "--image-size", "0"],
 ])

@@ -428,6 +428,7 @@ def test_the_page_is_served_and_fetches_nothing_from_elsewhere(server):
     (["--max-n", "32", "--max-batch", "64"], "--max-n: at most 16"),
     (["--engine", "fork"], "--engine fork: use process or thread"),
     (["--replicas", "2", "--engine", "thread"], "--replicas 2: replicas are engine processes"),
+    (["--dtype", "int8"], "--dtype int8: use float32, bfloat16, float16"),
 ])
 def test_serve_refuses_bad_options_in_one_line(model_dir, args, words, capsys):
     from omnicore.cli.main import main
@@ -499,6 +500,26 @@ def test_the_thread_engine_gives_the_python_apis_answers_and_images(model_dir, p
                        json={"prompt": "a red circle", "n": 2, "seed": 3, "guidance_scale": 2.0})
         ref = pipe.generate_images(["a red circle"], n_per_prompt=2, guidance_scale=2.0, seed=3)
         assert [decode_png(d["b64_json"]) for d in r.json()["data"]] == [im.tobytes() for im in ref]
+    finally:
+        srv.stop()
+
+
+def test_dtype_runs_the_engine_in_that_type(model_dir, tmp_path):
+    """--dtype bfloat16 serves the images of the model loaded in bfloat16 (the saved model is float32)."""
+    body = {"prompt": "a red circle", "n": 2, "seed": 3, "guidance_scale": 2.0}
+
+    def reference(dtype):
+        model = omnicore.load(model_dir, device="cpu", dtype=dtype)
+        return [im.tobytes() for im in model.generate_images(["a red circle"], n_per_prompt=2, guidance_scale=2.0,
+                                                             seed=3)]
+
+    half, full = reference(torch.bfloat16), reference(torch.float32)
+    assert half != full  # else this test could not tell the two types apart
+    srv = Server(model_dir, "--dtype", "bfloat16", "--max-batch", "4", log=tmp_path / "server.log")
+    try:
+        srv.wait_ready()
+        r = httpx.post(f"{srv.url}/v1/images/generations", timeout=120, json=body)
+        assert [decode_png(d["b64_json"]) for d in r.json()["data"]] == half
     finally:
         srv.stop()
 

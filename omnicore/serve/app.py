@@ -56,6 +56,7 @@ class ServeOptions:
     engine: str = "process"  # "process": the model steps in a process of its own (engine.py); "thread": in this one
     threads: int | None = None  # torch's CPU threads where the model steps; None: torch's default
     replicas: int = 1  # engine processes, each with the whole model (CPU only); requests go to the least busy
+    dtype: str | None = None  # "bfloat16", ...: the type the model runs in; None: the type it was saved in
 
     @property
     def served_name(self) -> str:
@@ -93,7 +94,10 @@ class Service:
 
         if self.options.threads is not None:
             torch.set_num_threads(self.options.threads)
-        model = omnicore.load(self.options.model_dir, device=self.options.device)
+        from .engine import load_dtype
+
+        model = omnicore.load(self.options.model_dir, device=self.options.device,
+                              dtype=load_dtype(self.options.dtype))
         scheduler = Scheduler(model, self.options.max_batch, self.options.max_queue, self.options.use_graphs)
         scheduler.warm_up()
         scheduler.start()
@@ -106,7 +110,7 @@ class Service:
         o = self.options
         torch.set_num_threads(1)  # this process's own torch work is image transforms; the cores go to the engine
         model = load_structure(o.model_dir)  # tokenizers, layout and sizes to read requests with; no weights
-        config = EngineConfig(str(o.model_dir), str(o.device), o.max_batch, o.use_graphs, o.threads)
+        config = EngineConfig(str(o.model_dir), str(o.device), o.max_batch, o.use_graphs, o.threads, o.dtype)
         engine = EngineGroup([config] * o.replicas, o.max_queue)
         engine.on_exit = lambda error: self._fail(error, "the engine stopped")
         engine.start()

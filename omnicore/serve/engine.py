@@ -40,6 +40,12 @@ class EngineConfig:
     max_batch: int
     use_graphs: bool | None
     threads: int | None  # torch's CPU threads in the engine; None: torch's default
+    dtype: str | None = None  # the model's type by name ("bfloat16"); None: the type it was saved in
+
+
+def load_dtype(name: str | None) -> torch.dtype | None:
+    """A dtype named in the options (plain text, so that it crosses to a spawned process) as omnicore.load takes it."""
+    return None if name is None else getattr(torch, name)
 
 
 @dataclass(frozen=True)
@@ -336,7 +342,7 @@ def engine_main(conn, config: EngineConfig) -> None:
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     try:
-        model = omnicore.load(config.model_dir, device=torch.device(config.device))
+        model = omnicore.load(config.model_dir, device=torch.device(config.device), dtype=load_dtype(config.dtype))
         # the server process keeps the queue limit; the engine's own queue takes whatever it is sent
         scheduler = _EngineScheduler(model, config.max_batch, 1 << 30, config.use_graphs)
         scheduler.warm_up()
